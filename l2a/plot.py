@@ -1,0 +1,72 @@
+"""Training curves of a run as a PNG: ``python -m l2a.plot runs/default`` -> ``runs/default/curves.png``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+
+PANELS = [
+    ("Reward (train rollouts)", ["reward", "eval/reward"]),
+    ("Reward parts", ["reward_action", "reward_content", "reward_format"]),
+    ("Decision accuracy", ["decision_accuracy", "eval/decision_accuracy", "eval/stop_accuracy", "eval/continue_accuracy"]),
+    ("Policy", ["entropy", "kl_mean", "clip_low_frac", "clip_high_frac"]),
+    ("Completion length (tokens)", ["completion_length"]),
+    ("Seconds per phase", ["time/generate", "time/judge", "time/train"]),
+]
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no metrics (is this a run directory of train.py?)")
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{number}: not JSON ({e.msg})") from None
+    return rows
+
+
+def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    rows = read_metrics(run_dir)
+    out = Path(out) if out else Path(run_dir) / "curves.png"
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    for ax, (title, keys) in zip(axes.flat, PANELS):
+        for key in keys:
+            points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+            if points:
+                steps, values = zip(*points)
+                ax.plot(steps, values, marker="o" if key.startswith("eval/") else None, markersize=3, label=key)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=7)
+    fig.suptitle(str(run_dir))
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("run_dir", help="A train.py output directory (holds metrics.jsonl).")
+    parser.add_argument("--out", default=None, help="PNG path (default: RUN_DIR/curves.png).")
+    args = parser.parse_args()
+    try:
+        print(plot_run(args.run_dir, args.out))
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,525 @@
+"""Tests of l2a.data: loading, splitting, LLM info extraction, resuming, building, synthetic data, CLI.
+
+Every test of the extractor talks real HTTP to ``ChatStub`` on 127.0.0.1, a test double for the remote,
+paid chat-completions service (an LLM) that ``prepare`` uses in production.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import openai
+import pytest
+from openai_stub import ChatStub, Reply
+
+from l2a.data import (
+    CONDITIONS,
+    SAMPLE_KEYS,
+    DataError,
+    EndpointRejected,
+    ExtractionIncomplete,
+    LLMExtractor,
+    build_dataset,
+    extract_all,
+    load_samples,
+    load_sessions,
+    main,
+    oracle_facts,
+    parse_info_list,
+    read_extractions,
+    split_by_session,
+    split_session,
+    synthesize_sessions,
+    write_jsonl,
+)
+from l2a.prompts import extraction_messages
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = Path(__file__).resolve().parents[2] / "shared/data/realmedconv_samples"
+
+
+def realmedconv_session() -> dict:
+    sessions, problems = load_sessions(FIXTURES / "raw_sessions.jsonl")
+    assert problems == [] and len(sessions) == 1
+    return sessions[0]
+
+
+def synthetic_samples(n_sessions: int = 6, seed: int = 1) -> list[dict]:
+    return [s for session in synthesize_sessions(n_sessions, seed) for s in split_session(session)]
+
+
+def future_text(request: dict) -> str:
+    """The part of an extraction request that identifies its sample: the rendered future."""
+    return request["messages"][-1]["content"]
+
+
+def oracle_replies(samples: list[dict]) -> dict[str, str]:
+    """What a perfect extractor answers for each sample's future."""
+    return {extraction_messages(s["remaining"])[-1]["content"]: repr(oracle_facts(s["remaining"])) for s in samples}
+
+
+def run_extraction(stub: ChatStub, samples: list[dict], path: Path, *, timeout: float = 5.0,
+                   max_retries: int = 2, concurrency: int = 4, api_key: str = "test-key") -> dict:
+    async def go():
+        async with openai.AsyncOpenAI(base_url=stub.base_url, api_key=api_key, timeout=timeout,
+                                      max_retries=0) as client:
+            extractor = LLMExtractor(client, "stub-model", max_retries=max_retries, retry_delay=0.01)
+            return await extract_all(samples, extractor, path, concurrency)
+
+    return asyncio.run(go())
+
+
+# ---------------------------------------------------------------------------------------------------
+# Splitting
+
+
+def test_realmedconv_session_full_context():
+    session = realmedconv_session()
+    samples = split_session(session)
+    assert [s["cid"] for s in samples] == [f"35310_{k}" for k in range(1, 8)]
+    assert [s["decision_truth"] for s in samples] == ["continue"] * 6 + ["stop"]
+    for s in samples:
+        assert s["messages"] + s["remaining"] == session["messages"]
+        assert s["messages"][-1]["role"] == "user" and s["session_id"] == 35310
+    assert samples[-1]["remaining"] == [{"role": "assistant", "content": "<med_search>"}]
+    # The documented context/future pair (called 35310_7 in the README) is round 2 of the code's numbering.
+    pair = json.loads((FIXTURES / "context_future_pairs.jsonl").read_text())
+    assert samples[1]["messages"] == pair["messages"]
+    assert samples[1]["remaining"] == pair["remaining_chat"]
+
+
+def test_realmedconv_session_round_context():
+    session = realmedconv_session()
+    full, rounds = split_session(session, "full"), split_session(session, context="round")
+    assert [len(s["messages"]) for s in rounds] == [5, 3, 3, 3, 4, 5, 4]
+    assert rounds[1]["messages"] == session["messages"][5:8]
+    # The round blocks tile the session except for the final "<med_search>"; labels do not depend on context.
+    assert sum((s["messages"] for s in rounds), []) == session["messages"][:-1]
+    for f, r in zip(full, rounds):
+        assert (f["cid"], f["remaining"], f["decision_truth"]) == (r["cid"], r["remaining"], r["decision_truth"])
+
+
+def test_split_edge_cases():
+    def session(*roles: str, content: str = "text") -> dict:
+        return {"session_id": "s", "diagn": "d", "messages": [{"role": r, "content": content} for r in roles]}
+
+    greeting_first = split_session(session("assistant", "user", "user", "assistant", "user"))
+    assert [len(s["messages"]) for s in greeting_first] == [3, 5]
+    assert [s["decision_truth"] for s in greeting_first] == ["continue", "stop"]
+    assert greeting_first[-1]["remaining"] == []  # ends on a patient message: stop with an empty future
+    assert split_session(session("assistant", "assistant")) == []
+    # "user: " inside a doctor message is not a patient turn.
+    faked = split_session(session("user", "assistant", content="user: hello"))
+    assert [s["decision_truth"] for s in faked] == ["stop"]
+    with pytest.raises(ValueError, match="context"):
+        split_session(session("user"), context="prefix")
+
+
+def test_synthetic_split_prefix_stop_and_oracle():
+    for session in synthesize_sessions(200, seed=3):
+        samples = split_session(session)
+        questions = [m for m in session["messages"] if "elicits" in m]
+        assert [s["decision_truth"] for s in samples] == ["continue"] * (len(samples) - 1) + ["stop"]
+        last_patient = max(i for i, m in enumerate(session["messages"]) if m["role"] == "user")
+        assert len(samples[-1]["messages"]) == last_patient + 1
+        for s in samples:
+            assert s["messages"] + s["remaining"] == session["messages"]
+        # Right after the opening, the future holds every question; the stop sample's holds none.
+        assert oracle_facts(samples[0]["remaining"]) == [q["elicits"][0] for q in questions]
+        assert oracle_facts(samples[-1]["remaining"]) == []
+
+
+# ---------------------------------------------------------------------------------------------------
+# Synthetic generator
+
+CUES = {  # the words an offline rubric judge relies on
+    "symptom": ("other symptoms",),
+    "symptom nature": ("feel like", "kind of", "describe"),
+    "symptom location": ("where",),
+    "symptom severity": ("severe", "how bad"),
+    "symptom trigger": ("bring", "worse", "trigger"),
+}
+
+
+def test_synthesize_is_deterministic_and_well_formed(tmp_path):
+    sessions = synthesize_sessions(600, seed=0)
+    assert sessions == synthesize_sessions(600, seed=0)
+    assert sessions != synthesize_sessions(600, seed=1)
+    assert len(CONDITIONS) >= 30 and len({s["diagn"] for s in sessions}) == len(CONDITIONS)
+    write_jsonl(tmp_path / "raw.jsonl", sessions)
+    assert load_sessions(tmp_path / "raw.jsonl") == (sessions, [])  # valid raw format, extra keys kept
+    openings = Counter()
+    for session in sessions:
+        messages = session["messages"]
+        questions = [m for m in messages if "elicits" in m]
+        assert 2 <= len(questions) <= 4
+        fields = [q["elicits"][0].split(": ")[0] for q in questions]
+        assert len(set(fields)) == len(fields)  # never asks the same field twice
+        for question, field in zip(questions, fields):
+            assert question["role"] == "assistant" and len(question["elicits"]) == 1
+            assert any(cue in question["content"].lower() for cue in CUES[field]), question["content"]
+            answer = messages[messages.index(question) + 1]
+            assert answer["role"] == "user"
+            assert question["elicits"][0].split(": ")[1] in answer["content"].lower()  # the answer states the fact
+        assert messages[-1]["role"] == "assistant" and "elicits" not in messages[-1]
+        patient_openers = sum(m["role"] == "user" for m in messages[: messages.index(questions[0])])
+        openings[messages[0]["role"], patient_openers > 1] += 1
+    # Varied openings: greeting first or not, one or several patient messages.
+    assert set(openings) == {("user", False), ("user", True), ("assistant", False), ("assistant", True)}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading and validation
+
+GOOD = '{"session_id": 1, "diagn": "d", "messages": [{"role": "user", "content": "hi"}]}'
+
+
+@pytest.mark.parametrize("bad_line, problem", [
+    ('{"session_id": 2, "diagn": "d", "messages": [', "invalid JSON"),
+    ('{"session_id": 2, "messages": [{"role": "user", "content": "hi"}]}', "missing key 'diagn'"),
+    ('{"session_id": 2, "diagn": "d", "messages": [{"role": "doctor", "content": "hi"}]}', "role must be"),
+    ('{"session_id": 2, "diagn": "d", "messages": [{"role": "user", "content": 5}]}', "content must be a string"),
+    ('{"session_id": 2.5, "diagn": "d", "messages": [{"role": "user", "content": "hi"}]}', "'session_id' must be"),
+    ('{"session_id": 2, "diagn": "d", "messages": "hi"}', "'messages' must be an array"),
+    ('{"session_id": 2, "diagn": "d", "messages": []}', "'messages' is empty"),
+    ('["not", "an", "object"]', "expected a JSON object"),
+    ('{"session_id": "1", "diagn": "d", "messages": [{"role": "user", "content": "hi"}]}', "duplicate session_id"),
+])
+def test_load_sessions_names_file_and_line(tmp_path, bad_line, problem):
+    path = tmp_path / "raw.jsonl"
+    path.write_text(GOOD + "\n\n" + bad_line + "\n")  # the blank line counts for the line number
+    with pytest.raises(DataError, match=rf"^{path}:3: .*{problem}"):
+        load_sessions(path)
+    sessions, problems = load_sessions(path, skip_bad=True)
+    assert [s["session_id"] for s in sessions] == [1]
+    assert len(problems) == 1 and problems[0].startswith(f"{path}:3: ")
+
+
+def test_load_sessions_missing_file(tmp_path):
+    with pytest.raises(DataError, match="cannot read"):
+        load_sessions(tmp_path / "nope.jsonl")
+
+
+def test_load_samples_validates(tmp_path):
+    samples = synthetic_samples()
+    records, _ = build_dataset(samples, {s["cid"]: oracle_facts(s["remaining"]) for s in samples})
+    write_jsonl(tmp_path / "train.jsonl", records)
+    assert load_samples(tmp_path / "train.jsonl") == records
+    assert load_samples(FIXTURES / "labeled_samples.jsonl")[1]["cid"] == "206_1"
+    for broken, problem in [({**records[0], "decision_truth": "maybe"}, "'decision_truth' must be"),
+                            ({k: v for k, v in records[0].items() if k != "info_truth"}, "missing key 'info_truth'"),
+                            (records[0], "duplicate cid")]:
+        write_jsonl(tmp_path / "bad.jsonl", [records[0], broken])
+        with pytest.raises(DataError, match=rf"^{tmp_path / 'bad.jsonl'}:2: {problem}"):
+            load_samples(tmp_path / "bad.jsonl")
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(DataError, match="no samples"):
+        load_samples(tmp_path / "empty.jsonl")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Building
+
+
+def test_build_filters_and_shapes_records():
+    messages = [{"role": "user", "content": "a", "extra": 1}]
+    samples = [{"cid": c, "session_id": 7, "diagn": "d", "messages": messages, "remaining": [], "decision_truth": d}
+               for c, d in [("7_1", "continue"), ("7_2", "continue"), ("7_3", "stop"), ("7_4", "continue")]]
+    info = {"7_1": ["symptom: cough", "symptom severity: mild"], "7_2": [], "7_3": [], "7_4": None}
+    with pytest.raises(ExtractionIncomplete, match="7_4"):
+        build_dataset(samples, info)
+    records, counts = build_dataset(samples, info, drop_failed=True)
+    assert counts == {"continue": 1, "stop": 1, "dropped_empty": 1, "dropped_failed": 1}
+    assert [r["cid"] for r in records] == ["7_1", "7_3"]
+    assert records[0] == {"cid": "7_1", "session_id": 7, "diagn": "d", "messages": [{"role": "user", "content": "a"}],
+                          "decision_truth": "continue", "info_truth": "symptom: cough, symptom severity: mild"}
+    assert all(tuple(r) == SAMPLE_KEYS for r in records)
+    with pytest.raises(ExtractionIncomplete):  # a sample never extracted counts as failed too
+        build_dataset(samples[:1], {})
+
+
+def test_split_by_session_is_deterministic_and_disjoint():
+    sessions = synthesize_sessions(50, seed=0)
+    train, test = split_by_session(sessions, 0.2, seed=4)
+    assert (train, test) == split_by_session(sessions, 0.2, seed=4)
+    assert len(test) == 10 and len(train) == 40
+    assert {s["session_id"] for s in train}.isdisjoint(s["session_id"] for s in test)
+    assert split_by_session(sessions, 0.2, seed=5)[1] != test
+    with pytest.raises(ValueError):
+        split_by_session(sessions, 1.0, seed=0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Extraction against the stub
+
+
+def test_parse_info_list():
+    assert parse_info_list("['symptom: cough', ' symptom severity: mild ']") == [
+        "symptom: cough", "symptom severity: mild"]
+    assert parse_info_list("```python\n['symptom: cough']\n```") == ["symptom: cough"]
+    assert parse_info_list("[]") == []
+    for bad in ["Sure! The facts are: cough", "('a', 'b')", "[1, 2]", "", None, "__import__('os')"]:
+        with pytest.raises(ValueError):
+            parse_info_list(bad)
+
+
+def test_extract_good_answers(tmp_path):
+    samples = synthetic_samples()
+    replies = oracle_replies(samples)
+    with ChatStub(lambda request: replies[future_text(request)]) as stub:
+        result = run_extraction(stub, samples, tmp_path / "ex.jsonl")
+    assert result == {s["cid"]: oracle_facts(s["remaining"]) for s in samples}
+    continues = [s for s in samples if s["decision_truth"] == "continue"]
+    assert len(stub.requests) == len(continues)  # stop samples have no patient answer to extract from
+    request = stub.requests[0]
+    assert (request["model"], request["temperature"], request["max_tokens"]) == ("stub-model", 0.7, 512)
+    assert request["messages"] in [extraction_messages(s["remaining"]) for s in continues]
+    assert read_extractions(tmp_path / "ex.jsonl") == result
+
+
+def test_extract_retries_garbage_http_errors_and_timeouts(tmp_path):
+    samples = [s for s in synthetic_samples() if s["decision_truth"] == "continue"][:4]
+    replies = oracle_replies(samples)
+    failures = ["Here you go: cough", Reply(status=500), Reply("[]", delay=1.5), Reply(status=429)]
+    first_failure = dict(zip(replies, failures))  # garbage, HTTP 500, a timeout (client waits 0.5 s), HTTP 429
+    seen = Counter()
+    lock = threading.Lock()
+
+    def handler(request):
+        future = future_text(request)
+        with lock:
+            seen[future] += 1
+            attempt = seen[future]
+        return first_failure[future] if attempt == 1 else replies[future]
+
+    with ChatStub(handler) as stub:
+        result = run_extraction(stub, samples, tmp_path / "ex.jsonl", timeout=0.5)
+    assert result == {s["cid"]: oracle_facts(s["remaining"]) for s in samples}
+    assert sorted(seen.values()) == [2, 2, 2, 2]
+
+
+def test_extract_all_attempts_fail_is_recorded_then_retried(tmp_path):
+    samples = synthetic_samples()
+    replies = oracle_replies(samples)
+    doomed = next(s for s in samples if s["decision_truth"] == "continue")
+    doomed_future = extraction_messages(doomed["remaining"])[-1]["content"]
+
+    def flaky(request):
+        future = future_text(request)
+        return "I cannot help with that." if future == doomed_future else replies[future]
+
+    path = tmp_path / "ex.jsonl"
+    with ChatStub(flaky) as stub:
+        result = run_extraction(stub, samples, path, max_retries=2)
+    assert result[doomed["cid"]] is None
+    assert sum(future_text(r) == doomed_future for r in stub.requests) == 3  # first try + 2 retries
+    record = [json.loads(line) for line in path.read_text().splitlines() if doomed["cid"] in line][0]
+    assert record["info_set"] is None and record["extract_error"].startswith("ValueError: reply is not")
+    with pytest.raises(ExtractionIncomplete, match=doomed["cid"]):
+        build_dataset(samples, result)
+
+    with ChatStub(lambda request: replies[future_text(request)]) as stub:  # the next run retries only it
+        result = run_extraction(stub, samples, path)
+    assert [future_text(r) for r in stub.requests] == [doomed_future]
+    assert result == {s["cid"]: oracle_facts(s["remaining"]) for s in samples}
+
+
+def test_extract_http_500_every_time_is_recorded(tmp_path):
+    samples = [s for s in synthetic_samples() if s["decision_truth"] == "continue"][:2]
+    with ChatStub(lambda request: Reply(status=500)) as stub:
+        result = run_extraction(stub, samples, tmp_path / "ex.jsonl", max_retries=1, api_key="sk-secret-1")
+    assert result == {s["cid"]: None for s in samples} and len(stub.requests) == 4
+    text = (tmp_path / "ex.jsonl").read_text()
+    assert "InternalServerError" in text and "sk-secret-1" not in text
+
+
+def test_rejected_key_aborts_the_run(tmp_path):
+    samples = [s for s in synthetic_samples() if s["decision_truth"] == "continue"]
+    with ChatStub(lambda request: Reply(status=401)) as stub:
+        with pytest.raises(EndpointRejected, match="AuthenticationError"):
+            run_extraction(stub, samples, tmp_path / "ex.jsonl", concurrency=2)
+    assert len(stub.requests) <= 2  # no retries, no further samples
+
+
+def test_concurrency_is_bounded(tmp_path):
+    samples = synthetic_samples()
+    replies = oracle_replies(samples)
+    in_flight, peak = [0], [0]
+    lock = threading.Lock()
+
+    def slow(request):
+        with lock:
+            in_flight[0] += 1
+            peak[0] = max(peak[0], in_flight[0])
+        time.sleep(0.05)
+        with lock:
+            in_flight[0] -= 1
+        return replies[future_text(request)]
+
+    with ChatStub(slow) as stub:
+        run_extraction(stub, samples, tmp_path / "ex.jsonl", concurrency=3)
+    assert len(stub.requests) > 6 and peak[0] == 3
+
+
+def test_resume_asks_each_sample_once_and_loses_none(tmp_path):
+    samples = synthetic_samples(10)
+    replies = oracle_replies(samples)
+    path = tmp_path / "ex.jsonl"
+    with ChatStub(lambda request: replies[future_text(request)]) as stub:
+        run_extraction(stub, samples[:15], path)
+        result = run_extraction(stub, samples, path)
+    counts = Counter(future_text(r) for r in stub.requests)
+    continues = [s for s in samples if s["decision_truth"] == "continue"]
+    assert len(counts) == len(continues) and set(counts.values()) == {1}
+    assert result == {s["cid"]: oracle_facts(s["remaining"]) for s in samples}
+    assert len(path.read_text().splitlines()) == len(samples)
+
+
+def test_truncated_last_line_is_repaired(tmp_path):
+    samples = synthetic_samples()
+    replies = oracle_replies(samples)
+    first, second = [s for s in samples if s["decision_truth"] == "continue"][:2]
+    path = tmp_path / "ex.jsonl"
+    path.write_text(json.dumps({"cid": first["cid"], "info_set": ["symptom: x"]}) + "\n"
+                    + json.dumps({"cid": second["cid"], "info_set": ["symptom: y"]})[:25])  # killed mid-write
+    assert read_extractions(path) == {first["cid"]: ["symptom: x"]}
+    assert path.read_text().endswith("\n")
+    with ChatStub(lambda request: replies[future_text(request)]) as stub:
+        result = run_extraction(stub, samples, path)
+    assert result[first["cid"]] == ["symptom: x"]  # kept, not asked again
+    assert result[second["cid"]] == oracle_facts(second["remaining"])
+    assert all(json.loads(line) for line in path.read_text().splitlines())
+    path.write_text(path.read_text() + "garbage\n" + json.dumps({"cid": "x", "info_set": []}) + "\n")
+    with pytest.raises(DataError, match=rf"{path}:\d+: invalid JSON"):  # a bad middle line is not ours
+        read_extractions(path)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Command line
+
+
+def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "l2a.data", *args], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})}, timeout=60)
+
+
+def test_cli_synth(tmp_path):
+    done = run_cli("synth", "--out", str(tmp_path / "a"), "--sessions", "40", "--seed", "2")
+    assert done.returncode == 0, done.stderr
+    assert "40 sessions" in done.stdout and "train.jsonl: " in done.stdout and "stop " in done.stdout
+    assert main(["synth", "--out", str(tmp_path / "b"), "--sessions", "40", "--seed", "2"]) == 0
+    for name in ("sessions.jsonl", "train.jsonl", "test.jsonl"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    train, test = load_samples(tmp_path / "a/train.jsonl"), load_samples(tmp_path / "a/test.jsonl")
+    assert len({s["session_id"] for s in test}) == 8
+    assert {s["session_id"] for s in train}.isdisjoint(s["session_id"] for s in test)
+    assert all(s["info_truth"] for s in train if s["decision_truth"] == "continue")
+
+
+def test_bundled_synthetic_data_is_up_to_date(tmp_path):
+    """data/synthetic is exactly what the generator makes: regenerate it after changing the generator."""
+    assert main(["synth", "--out", str(tmp_path)]) == 0
+    for name in ("sessions.jsonl", "train.jsonl", "test.jsonl"):
+        assert (tmp_path / name).read_bytes() == (REPO / "data/synthetic" / name).read_bytes(), name
+
+
+def test_cli_prepare_with_openai_extractor(tmp_path):
+    sessions = synthesize_sessions(10, seed=5)
+    write_jsonl(tmp_path / "raw.jsonl", sessions)
+    samples = [s for session in sessions for s in split_session(session)]
+    replies = oracle_replies(samples)
+    key = "sk-l2a-test-9f8e7d6c5b4a"
+    out = tmp_path / "out"
+    with ChatStub(lambda request: replies[future_text(request)]) as stub:
+        done = run_cli("prepare", "--train-raw", str(tmp_path / "raw.jsonl"), "--test-fraction", "0.3",
+                       "--out", str(out), "--base-url", stub.base_url, "--model", "m",
+                       "--api-key-env", "L2A_TEST_KEY", env={"L2A_TEST_KEY": key})
+    assert done.returncode == 0, done.stderr
+    assert len(stub.requests) == sum(s["decision_truth"] == "continue" for s in samples)
+    train, test = split_by_session(sessions, 0.3, seed=0)
+    for name, part in [("train", train), ("test", test)]:
+        part_samples = [s for session in part for s in split_session(session)]
+        expected, _ = build_dataset(part_samples, {s["cid"]: oracle_facts(s["remaining"]) for s in part_samples})
+        assert load_samples(out / f"{name}.jsonl") == expected
+    outputs = done.stdout + done.stderr + "".join(p.read_text() for p in out.iterdir())
+    assert key not in outputs
+
+
+def test_cli_prepare_needs_the_key_before_any_request(tmp_path, capsys):
+    write_jsonl(tmp_path / "raw.jsonl", synthesize_sessions(4, seed=0))
+    with ChatStub(lambda request: "[]") as stub:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["prepare", "--train-raw", str(tmp_path / "raw.jsonl"), "--test-fraction", "0.5", "--out",
+                  str(tmp_path / "out"), "--base-url", stub.base_url, "--model", "m",
+                  "--api-key-env", "L2A_UNSET_KEY_FOR_TEST"])
+    assert exit_info.value.code == 2 and stub.requests == []
+    assert "L2A_UNSET_KEY_FOR_TEST" in capsys.readouterr().err
+
+
+def test_cli_bad_input_and_skip_bad(tmp_path, capsys):
+    raw = tmp_path / "raw.jsonl"
+    lines = [json.dumps(s) for s in synthesize_sessions(4, seed=0)]
+    raw.write_text("\n".join(lines[:2] + ['{"session_id": 9, "diagn": "d"}'] + lines[2:]) + "\n")
+    args = ["prepare", "--train-raw", str(raw), "--test-fraction", "0.25", "--out", str(tmp_path / "out"),
+            "--extractor", "oracle"]
+    assert main(args) == 2
+    assert capsys.readouterr().err == f"error: {raw}:3: missing key 'messages'\n"
+    assert main(args + ["--skip-bad"]) == 0
+    stdout = capsys.readouterr().out
+    assert "skipped 1 bad lines" in stdout
+    assert len(load_samples(tmp_path / "out/train.jsonl")) + len(load_samples(tmp_path / "out/test.jsonl")) == sum(
+        len(split_session(s)) for s in synthesize_sessions(4, seed=0))
+
+
+@pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGKILL])
+def test_cli_interrupted_run_loses_nothing(tmp_path, signal_number, monkeypatch):
+    """Ctrl-C or kill during extraction keeps every finished record; the rerun asks only for the rest."""
+    sessions = synthesize_sessions(8, seed=6)
+    write_jsonl(tmp_path / "raw.jsonl", sessions)
+    samples = [s for session in sessions for s in split_session(session)]
+    replies = oracle_replies(samples)
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "l2a.data", "prepare", "--train-raw", str(tmp_path / "raw.jsonl"),
+            "--test-fraction", "0.25", "--out", str(out), "--model", "m", "--concurrency", "1"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OPENAI_API_KEY": "k"}
+    answered = []
+
+    def first_four_then_hang(request):  # so the run cannot finish (and close its file) before the signal
+        answered.append(request)
+        return Reply(replies[future_text(request)], delay=0.05 if len(answered) <= 4 else 30)
+
+    with ChatStub(first_four_then_hang) as stub:
+        process = subprocess.Popen(args + ["--base-url", stub.base_url], cwd=REPO, env=env, text=True,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        extracted = out / "extracted_train.jsonl"
+        deadline = time.time() + 15
+        while time.time() < deadline and (not extracted.exists() or extracted.read_text().count('"info_set": ["') < 3):
+            time.sleep(0.05)
+        process.send_signal(signal_number)
+        _, stderr = process.communicate(timeout=30)
+    if signal_number == signal.SIGINT:
+        assert process.returncode == 130 and "interrupted" in stderr and "Traceback" not in stderr
+    else:
+        assert process.returncode == -signal.SIGKILL
+    saved = read_extractions(extracted)
+    assert sum(bool(info) for info in saved.values()) >= 3
+    first_run = Counter(future_text(r) for r in stub.requests)
+
+    with ChatStub(lambda request: replies[future_text(request)]) as stub:
+        monkeypatch.setenv("OPENAI_API_KEY", "k")
+        assert main(args[3:] + ["--base-url", stub.base_url]) == 0
+    rerun = Counter(future_text(r) for r in stub.requests)
+    saved_futures = {extraction_messages(s["remaining"])[-1]["content"] for s in samples if saved.get(s["cid"])}
+    assert saved_futures.isdisjoint(rerun)  # nothing finished is asked again
+    continues = [s for s in samples if s["decision_truth"] == "continue"]
+    assert set(first_run) | set(rerun) == {extraction_messages(s["remaining"])[-1]["content"] for s in continues}
+    assert len(load_samples(out / "train.jsonl")) + len(load_samples(out / "test.jsonl")) == len(samples)

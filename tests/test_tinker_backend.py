@@ -1,0 +1,444 @@
+"""The Tinker backend, offline: advantage scaling, Datum layout, and train.main against a fake Tinker service.
+
+Tinker is a remote, paid, GPU-backed service and its SDK has no local mode, so the loop tests replace
+``tinker.ServiceClient`` with ``FakeTinker``: a test double with the SDK's method names that returns the SDK's
+own types (``SampleResponse``, ``SampledSequence``, ``ForwardBackwardOutput``, ``SaveWeightsResponse``...) in
+finished futures with ``.result()``, and records every request (the Datums above all) so the tests can check
+what would have been sent. (Faking it at the HTTP level would mean re-implementing Tinker's session, futures
+polling and binary encodings.) Nothing here opens a network connection.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import train
+from l2a.grpo import LOSS_AGGREGATIONS, grpo_loss
+from l2a.model import load_tokenizer
+from l2a.rollout import Completion, SamplingConfig, encode_chat
+
+tinker = pytest.importorskip("tinker")  # requirements-tinker.txt
+
+from l2a.tinker_backend import (  # noqa: E402
+    TinkerEngine,
+    completion_datum,
+    ppo_loss_config,
+    tinker_advantage_scale,
+)
+
+SECRET = "tk-test-secret-never-printed"
+REPLIES = ["<stop />", "How severe is the pain: mild, moderate or severe?", "Where is it? Since when?"]
+BASE_MODEL = "Qwen/Qwen3-8B"
+
+
+# --------------------------------------------------------------------------------------------------
+# The loss: Tinker's documented sums on scaled advantages == grpo_loss, value and gradient.
+# --------------------------------------------------------------------------------------------------
+
+
+def test_advantage_scale_by_hand():
+    lengths = [2, 4, 0, 6]
+    assert tinker_advantage_scale(lengths, "token-mean", 10) == [1 / 12] * 4
+    assert tinker_advantage_scale(lengths, "seq-mean-token-mean", 10) == [1 / 8, 1 / 16, 1 / 4, 1 / 24]
+    assert tinker_advantage_scale(lengths, "seq-mean-token-sum-norm", 10) == [1 / 40] * 4
+    with pytest.raises(ValueError, match="loss_agg"):
+        tinker_advantage_scale(lengths, "sum", 10)
+
+
+def _tinker_objective(loss_fn: str, datums: list, trainer_logprobs: list[torch.Tensor], clip: dict) -> torch.Tensor:
+    """Tinker's built-in losses as documented, summed over every position of every datum."""
+    total = torch.zeros((), dtype=torch.float64)
+    for datum, target in zip(datums, trainer_logprobs):
+        sampled = datum.loss_fn_inputs["logprobs"].to_torch().double()
+        advantage = datum.loss_fn_inputs["advantages"].to_torch().double()
+        ratio = torch.exp(target - sampled)
+        if loss_fn == "importance_sampling":
+            total = total - (ratio * advantage).sum()
+        else:
+            clipped = ratio.clamp(clip["clip_low_threshold"], clip["clip_high_threshold"])
+            total = total - torch.minimum(ratio * advantage, clipped * advantage).sum()
+    return total
+
+
+CASES = [  # (loss_fn, largest |trainer - sampler| log-ratio): 0 = on-policy; 0.15 stays inside the clip range
+    ("importance_sampling", 0.0), ("ppo", 0.0), ("importance_sampling", 0.15), ("ppo", 0.15), ("ppo", 0.7)]
+
+
+@pytest.mark.parametrize("loss_agg", LOSS_AGGREGATIONS)
+@pytest.mark.parametrize("loss_fn,offset", CASES)
+def test_tinker_sum_on_scaled_advantages_equals_grpo_loss(loss_agg, loss_fn, offset):
+    generator = torch.Generator().manual_seed(0)
+    lengths, prompt_lengths, max_len, clip_low, clip_high = [3, 1, 7, 5, 2, 6], [4, 2, 5, 3, 6, 1], 9, 0.2, 0.28
+    batch, width = len(lengths), max(lengths)
+    mask = torch.tensor([[1.0] * n + [0.0] * (width - n) for n in lengths], dtype=torch.float64)
+    logprobs = (-3 * torch.rand(batch, width, generator=generator, dtype=torch.float64)).requires_grad_()
+    shift = offset * (2 * torch.rand(batch, width, generator=generator, dtype=torch.float64) - 1)
+    sampler = (logprobs.detach() + shift).float().double()  # what the sampler reports, in the Datum's float32
+    advantages = torch.randn(batch, generator=generator, dtype=torch.float64)
+
+    local, _ = grpo_loss(logprobs, sampler, advantages, mask, clip_low=clip_low, clip_high=clip_high,
+                         loss_agg=loss_agg, max_len=max_len)
+    (local_grad,) = torch.autograd.grad(local, logprobs)
+
+    scales = tinker_advantage_scale(lengths, loss_agg, max_len)
+    datums, targets = [], []
+    for i, (n, p) in enumerate(zip(lengths, prompt_lengths)):
+        prompt, tokens = list(range(100, 100 + p)), list(range(7, 7 + n))
+        completion = Completion(i, prompt, tokens, "", "stop", sampler[i, :n].tolist())
+        datums.append(completion_datum(completion, advantages[i].item() * scales[i]))
+        # The trainer's log-probabilities of every position: prompt positions carry advantage 0, any value will do.
+        targets.append(torch.cat([torch.full((p - 1,), -1.0, dtype=torch.float64), logprobs[i, :n]]))
+    remote = _tinker_objective(loss_fn, datums, targets, ppo_loss_config(clip_low, clip_high))
+    (remote_grad,) = torch.autograd.grad(remote, logprobs)
+
+    assert remote.item() == pytest.approx(local.item(), rel=1e-5, abs=1e-7)
+    assert torch.allclose(remote_grad, local_grad, rtol=1e-5, atol=1e-8)
+    assert local_grad.abs().sum() > 0  # a zero gradient would make the comparison vacuous
+
+
+# --------------------------------------------------------------------------------------------------
+# The Datum layout.
+# --------------------------------------------------------------------------------------------------
+
+
+def test_datum_layout_is_shifted_by_one_with_zeros_over_the_prompt():
+    completion = Completion(0, [5, 6, 7], [8, 9, 10], "", "stop", [-0.5, -1.0, -1.5])
+    datum = completion_datum(completion, 0.25)
+    inputs = datum.loss_fn_inputs
+    assert datum.model_input.to_ints() == [5, 6, 7, 8, 9]  # prompt + completion[:-1]
+    assert inputs["target_tokens"].to_numpy().tolist() == [0, 0, 8, 9, 10]  # position i predicts token i + 1
+    assert inputs["logprobs"].to_numpy().tolist() == [0.0, 0.0, -0.5, -1.0, -1.5]
+    assert inputs["advantages"].to_numpy().tolist() == [0.0, 0.0, 0.25, 0.25, 0.25]
+    assert {key: t.dtype for key, t in inputs.items()} == {"target_tokens": "int64", "logprobs": "float32",
+                                                           "advantages": "float32"}
+    assert all(t.shape == [datum.model_input.length] for t in inputs.values())
+
+    single = completion_datum(Completion(0, [5, 6], [8], "", "length", [-0.1]), -1.0)
+    assert single.model_input.to_ints() == [5, 6]
+    assert single.loss_fn_inputs["target_tokens"].to_numpy().tolist() == [0, 8]
+
+    with pytest.raises(ValueError, match="log-probability"):
+        completion_datum(Completion(0, [5, 6], [8, 9], "", "stop", None), 1.0)
+
+
+# --------------------------------------------------------------------------------------------------
+# A fake Tinker service with the SDK's method names and types.
+# --------------------------------------------------------------------------------------------------
+
+
+class Done:
+    """A finished future, like the SDK's ``APIFuture`` once its result is in."""
+
+    def __init__(self, value=None, error: Exception | None = None):
+        self.value, self.error = value, error
+
+    def result(self, timeout=None):
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+class FakeTinker:
+    """The service's state and a log of every request, shared by the clients of one test."""
+
+    TRAINER_SHIFT = -0.02  # trainer log-prob minus sampler log-prob: a small, known numerical gap
+
+    def __init__(self, tokenizer, export_dir: Path):
+        self.tokenizer, self.export_dir = tokenizer, export_dir
+        self.services = 0
+        self.created: list[tuple] = []  # ("lora", base_model, rank, seed) | ("from_state", path)
+        self.sampler_paths: list[str] = []
+        self.samples: list[dict] = []  # prompt, params, weights version, sequences [(tokens, logprobs)]
+        self.backward: list[tuple] = []  # (datums, loss_fn, loss_fn_config)
+        self.optim: list = []  # AdamParams
+        self.saved: list[str] = []
+        self.fail_backward_call: int | None = None  # 1-based forward_backward call that fails
+
+    def service_client(self, *args, **kwargs):
+        self.services += 1
+        return FakeServiceClient(self)
+
+    def training_samples(self, version: int) -> list[tuple[list[int], list[int], list[float]]]:
+        """(prompt, tokens, logprobs) of the rollouts sampled from the given weights, in request order."""
+        return [(s["prompt"], tokens, logprobs) for s in self.samples
+                if s["params"].top_k == -1 and s["version"] == version for tokens, logprobs in s["sequences"]]
+
+
+class FakeServiceClient:
+    def __init__(self, world: FakeTinker):
+        self.world = world
+
+    def create_lora_training_client(self, base_model: str, rank: int = 32, seed: int | None = None, **kwargs):
+        self.world.created.append(("lora", base_model, rank, seed))
+        return Done(FakeTrainingClient(self.world, version=0))
+
+    def create_training_client_from_state_with_optimizer(self, path: str, **kwargs):
+        self.world.created.append(("from_state", path))
+        return Done(FakeTrainingClient(self.world, version=int(path.rsplit("-", 1)[1])))  # ".../step-000002"
+
+    def create_sampling_client(self, model_path: str | None = None, **kwargs):
+        self.world.sampler_paths.append(model_path)
+        return Done(FakeSamplingClient(self.world, version=int(model_path.rsplit("-", 1)[1])))
+
+    def create_rest_client(self):
+        return FakeRestClient(self.world)
+
+
+class FakeTrainingClient:
+    def __init__(self, world: FakeTinker, version: int):
+        self.world, self.version = world, version  # version: optimizer steps taken since the initial LoRA
+        self.run = f"run-{len(world.created)}"
+
+    def save_weights_and_get_sampling_client(self, **kwargs):
+        return Done(FakeSamplingClient(self.world, self.version))
+
+    def forward_backward(self, data, loss_fn, loss_fn_config=None):
+        self.world.backward.append((data, loss_fn, loss_fn_config))
+        if len(self.world.backward) == self.world.fail_backward_call:
+            import httpx
+
+            return Done(error=tinker.APIConnectionError(request=httpx.Request("POST", "https://tinker.invalid/")))
+        outputs, loss = [], 0.0
+        clip = {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2, **(loss_fn_config or {})}
+        for datum in data:
+            sampled = datum.loss_fn_inputs["logprobs"].to_numpy().astype(np.float64)
+            advantage = datum.loss_fn_inputs["advantages"].to_numpy().astype(np.float64)
+            trained = sampled + FakeTinker.TRAINER_SHIFT
+            ratio = np.exp(trained - sampled)
+            if loss_fn == "ppo":
+                clipped = np.clip(ratio, clip["clip_low_threshold"], clip["clip_high_threshold"])
+                loss -= np.minimum(ratio * advantage, clipped * advantage).sum()
+            else:
+                loss -= (ratio * advantage).sum()
+            outputs.append({"logprobs": tinker.TensorData.from_numpy(trained.astype(np.float32))})
+        return Done(tinker.ForwardBackwardOutput(loss_fn_output_type="ArrayRecord", loss_fn_outputs=outputs,
+                                                 metrics={"loss:sum": float(loss)}))
+
+    def optim_step(self, adam_params):
+        self.world.optim.append(adam_params)
+        self.version += 1
+        return Done(tinker.OptimStepResponse(metrics=None))
+
+    def save_state(self, name: str, **kwargs):
+        self.world.saved.append(path := f"tinker://{self.run}/weights/{name}")
+        return Done(tinker.types.SaveWeightsResponse(path=path))
+
+    def save_weights_for_sampler(self, name: str, **kwargs):
+        self.world.saved.append(path := f"tinker://{self.run}/sampler_weights/{name}")
+        return Done(tinker.types.SaveWeightsForSamplerResponse(path=path))
+
+    def save_weights_external(self, name: str, **kwargs):
+        return Done(tinker.types.SaveWeightsExternalResponse(path=f"tinker://{self.run}/external_weights/{name}"))
+
+    def get_tokenizer(self):
+        raise AssertionError("the tests pass a local tokenizer; get_tokenizer would download one")
+
+
+class FakeSamplingClient:
+    def __init__(self, world: FakeTinker, version: int):
+        self.world, self.version = world, version
+
+    def sample(self, prompt, num_samples, sampling_params, **kwargs):
+        tokenizer, params = self.world.tokenizer, sampling_params
+        rng = np.random.default_rng([params.seed, self.version, prompt.length])
+        sequences, record = [], []
+        for i in range(num_samples):
+            reply = REPLIES[0 if params.top_k == 1 else int(rng.integers(len(REPLIES)))]
+            tokens = tokenizer.encode(reply, add_special_tokens=False) + [tokenizer.eos_token_id]
+            reason = "length" if len(tokens) > params.max_tokens else "stop"
+            tokens = tokens[: params.max_tokens]
+            logprobs = rng.uniform(-2.5, -0.05, len(tokens)).astype(np.float32)
+            sequences.append(tinker.SampledSequence(stop_reason=reason, sequence_id=f"s{i}",
+                                                    tokens_np=np.array(tokens, dtype=np.int32), logprobs_np=logprobs))
+            record.append((tokens, logprobs.tolist()))
+        self.world.samples.append({"prompt": prompt.to_ints(), "params": params, "version": self.version,
+                                   "sequences": record})
+        return Done(tinker.SampleResponse(sequences=sequences))
+
+
+class FakeRestClient:
+    def __init__(self, world: FakeTinker):
+        self.world = world
+
+    def get_external_weights_urls(self, tinker_path: str):
+        """The exported adapter, served from local files (the real service signs HTTPS URLs)."""
+        import datetime
+
+        files = {"adapter_config.json": b'{"r": 32, "peft_type": "LORA"}', "adapter_model.safetensors": b"\0" * 64}
+        urls = {}
+        for name, content in files.items():
+            (path := self.world.export_dir / name).write_bytes(content)
+            urls[name] = path.as_uri()
+        return Done(tinker.types.ExternalWeightsUrlsResponse(urls=urls, expires=datetime.datetime.now(datetime.UTC)))
+
+
+# --------------------------------------------------------------------------------------------------
+# train.main --backend tinker against the fake.
+# --------------------------------------------------------------------------------------------------
+
+
+def _sample(i: int, decision: str) -> dict:
+    messages = [{"role": "user", "content": f"I have had a headache for {i + 1} days."},
+                {"role": "assistant", "content": "Where exactly is the pain?"},
+                {"role": "user", "content": "Mostly the temples."}]
+    info = "" if decision == "stop" else "symptom severity: moderate, symptom trigger: screen work"
+    return {"cid": f"s{i}_1", "session_id": f"s{i}", "diagn": "tension headache", "messages": messages,
+            "decision_truth": decision, "info_truth": info}
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "mixed.jsonl"
+    path.write_text("".join(json.dumps(_sample(i, "stop" if i % 2 else "continue")) + "\n" for i in range(8)))
+    return path
+
+
+@pytest.fixture
+def world(tiny_model_dir, tmp_path, monkeypatch) -> FakeTinker:
+    monkeypatch.setenv("TINKER_API_KEY", SECRET)
+    (tmp_path / "export").mkdir()
+    fake = FakeTinker(load_tokenizer(str(tiny_model_dir)), tmp_path / "export")
+    monkeypatch.setattr(tinker, "ServiceClient", fake.service_client)
+    return fake
+
+
+def _args(model_dir, data: Path, out: Path, *extra: str) -> list[str]:
+    return ["--backend", "tinker", "--model", str(model_dir), "--train_file", str(data), "--eval_file", str(data),
+            "--output_dir", str(out), "--prompts_per_step", "2", "--group_size", "3", "--max_new_tokens", "12",
+            "--judge", "rubric", "--eval_samples", "4", *extra]
+
+
+def _rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_training_loop_sends_what_the_local_backend_would_optimise(world, tiny_model_dir, data_file, tmp_path, capfd):
+    out = tmp_path / "run"
+    train.main(_args(tiny_model_dir, data_file, out, "--steps", "3", "--save_every", "2", "--eval_every", "2",
+                     "--keep_checkpoints", "1", "--tinker_loss_fn", "ppo", "--clip_high", "0.28",
+                     "--loss_agg", "seq-mean-token-mean", "--learning_rate", "3e-5", "--weight_decay", "0.01",
+                     "--max_grad_norm", "0.5"))
+
+    assert world.created == [("lora", BASE_MODEL, 32, 0)]
+    assert [(loss_fn, config) for _, loss_fn, config in world.backward] == \
+        [("ppo", {"clip_low_threshold": 0.8, "clip_high_threshold": 1.28})] * 3
+    assert all(p.model_dump() == {"learning_rate": 3e-5, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8,
+                                  "weight_decay": 0.01, "grad_clip_norm": 0.5} for p in world.optim)
+    assert len(world.optim) == 3
+
+    recovered = []
+    for step, (datums, _, _) in enumerate(world.backward):
+        rollouts = world.training_samples(version=step)  # each step samples from the weights of the step before
+        assert len(datums) == len(rollouts) == 6
+        for datum, (prompt, tokens, logprobs) in zip(datums, rollouts):
+            inputs = {k: v.to_numpy() for k, v in datum.loss_fn_inputs.items()}
+            pad = len(prompt) - 1
+            assert datum.model_input.to_ints() == prompt + tokens[:-1]
+            assert inputs["target_tokens"].tolist() == [0] * pad + tokens
+            assert inputs["logprobs"].tolist() == [0.0] * pad + logprobs
+            assert not inputs["advantages"][:pad].any() and len(set(inputs["advantages"][pad:])) == 1
+            # seq-mean-token-mean sends A_i / (len_i * N): undo it to recover the group advantages.
+            recovered.append(inputs["advantages"][-1] * len(tokens) * len(datums))
+    groups = torch.tensor(recovered, dtype=torch.float64).view(-1, 3)
+    assert torch.allclose(groups.sum(1), torch.zeros(len(groups), dtype=torch.float64), atol=1e-5)
+    varied = groups.std(1) > 0
+    assert varied.any()
+    assert torch.allclose(groups[varied].std(1), torch.ones(int(varied.sum()), dtype=torch.float64), atol=1e-4)
+
+    rows = _rows(out)
+    assert [r["step"] for r in rows] == [0, 1, 2, 3] and "eval/reward" in rows[0] and "eval/reward" in rows[2]
+    assert {s["version"] for s in world.samples if s["params"].top_k == 1} == {0, 2, 3}  # evaluations: fresh weights
+    for r in rows[1:]:
+        assert math.isfinite(r["loss"]) and r["skipped_steps"] == 0
+        assert r["ratio_mean"] == pytest.approx(math.exp(FakeTinker.TRAINER_SHIFT), rel=1e-5)
+        assert r["clip_low_frac"] == r["clip_high_frac"] == 0.0 and r["entropy"] > 0
+        assert math.isnan(r["kl_mean"]) and math.isnan(r["grad_norm"])
+
+    checkpoints = sorted((out / "checkpoints").glob("*"))
+    assert [c.name for c in checkpoints] == ["step-000003"]  # keep_checkpoints 1; no temporary left behind
+    state = torch.load(checkpoints[0] / "trainer_state.pt", weights_only=False)
+    assert (state["step"], state["skipped_steps"]) == (3, 0)
+    assert state["tinker_state_path"] == "tinker://run-1/weights/step-000003"
+    assert state["tinker_sampler_path"] == "tinker://run-1/sampler_weights/step-000003"
+    assert "tinker://run-1/weights/step-000002" in world.saved
+    adapter = checkpoints[0] / "adapter"
+    assert (adapter / "adapter_config.json").read_bytes() == (world.export_dir / "adapter_config.json").read_bytes()
+    assert (adapter / "adapter_model.safetensors").stat().st_size == 64
+
+    engine = TinkerEngine.from_path(str(checkpoints[0]))  # what `python -m l2a.evaluate` would use
+    assert world.sampler_paths == ["tinker://run-1/sampler_weights/step-000003"]
+    (answer,) = engine.generate([[{"role": "user", "content": "hi"}]], 1, SamplingConfig(temperature=0))
+    assert answer.text == REPLIES[0]
+
+    captured = capfd.readouterr()
+    assert SECRET not in captured.out + captured.err
+
+
+def test_resume_continues_from_the_saved_tinker_state(world, tiny_model_dir, data_file, tmp_path):
+    out = tmp_path / "run"
+    train.main(_args(tiny_model_dir, data_file, out, "--steps", "2", "--save_every", "1", "--eval_every", "0"))
+    assert world.created == [("lora", BASE_MODEL, 32, 0)] and len(world.backward) == 2
+
+    train.main(_args(tiny_model_dir, data_file, out, "--steps", "3", "--save_every", "1", "--eval_every", "0",
+                     "--resume", "true"))
+    assert world.created[1:] == [("from_state", "tinker://run-1/weights/step-000002")]
+    assert len(world.backward) == 3 and world.training_samples(version=2)  # step 3 sampled the resumed weights
+    assert [r["step"] for r in _rows(out)] == [1, 2, 3]
+    assert sorted(p.name for p in (out / "checkpoints").glob("*")) == ["step-000002", "step-000003"]
+    state = torch.load(out / "checkpoints" / "step-000003" / "trainer_state.pt", weights_only=False)
+    assert state["step"] == 3 and state["tinker_state_path"] == "tinker://run-2/weights/step-000003"
+
+
+def test_a_failed_step_stops_the_run_naming_the_last_good_checkpoint(world, tiny_model_dir, data_file, tmp_path):
+    world.fail_backward_call = 2
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as stopped:
+        train.main(_args(tiny_model_dir, data_file, out, "--steps", "3", "--save_every", "1", "--eval_every", "0"))
+    message = str(stopped.value.code)
+    assert "forward_backward failed: APIConnectionError" in message
+    assert str(out / "checkpoints" / "step-000001") in message and "--resume" in message
+    assert sorted(p.name for p in (out / "checkpoints").glob("*")) == ["step-000001"]
+
+
+def test_missing_api_key_is_a_clear_error_before_any_work(world, tiny_model_dir, data_file, tmp_path, monkeypatch):
+    monkeypatch.delenv("TINKER_API_KEY")
+    with pytest.raises(SystemExit, match="TINKER_API_KEY"):
+        train.main(_args(tiny_model_dir, data_file, tmp_path / "run", "--steps", "1"))
+    assert world.services == 0
+
+
+@pytest.mark.parametrize("flags,problem", [(["--kl_coef", "0.1"], "kl_coef"),
+                                           (["--temperature", "0.7"], "temperature"),
+                                           (["--tinker_loss_fn", "cispo"], "tinker_loss_fn")])
+def test_settings_tinker_cannot_honour_are_refused(world, tiny_model_dir, data_file, tmp_path, flags, problem):
+    with pytest.raises(SystemExit, match=problem):
+        train.main(_args(tiny_model_dir, data_file, tmp_path / "run", "--steps", "1", *flags))
+    assert world.services == 0
+
+
+def test_engine_groups_completions_and_maps_sampling_settings(world, caplog):
+    tokenizer = world.tokenizer
+    engine = TinkerEngine(FakeSamplingClient(world, version=0), tokenizer)
+    chats = [[{"role": "user", "content": "My head hurts."}], [{"role": "user", "content": "I feel dizzy."}]]
+    with caplog.at_level(logging.WARNING):
+        greedy_penalised = SamplingConfig(temperature=0.0, max_new_tokens=40, repetition_penalty=1.2)
+        completions = engine.generate(chats, 3, greedy_penalised)
+    assert "no repetition penalty" in caplog.text
+    assert [c.prompt_index for c in completions] == [0, 0, 0, 1, 1, 1]
+    assert all(c.prompt_ids == encode_chat(tokenizer, chats[c.prompt_index]) for c in completions)
+    assert all(c.text == REPLIES[0] and c.finish_reason == "stop" and c.token_ids[-1] == tokenizer.eos_token_id
+               and len(c.logprobs) == len(c.token_ids) for c in completions)
+    greedy = world.samples[0]["params"]
+    assert (greedy.top_k, greedy.temperature, greedy.max_tokens, greedy.stop) == (1, 1.0, 40, [tokenizer.eos_token_id])
+
+    engine.generate(chats[:1], 2, SamplingConfig(temperature=1.0, top_p=0.9, max_new_tokens=3, seed=7))
+    sampled = world.samples[-1]
+    assert (sampled["params"].top_k, sampled["params"].top_p, sampled["params"].seed) == (-1, 0.9, 7)
+    assert all(len(tokens) == 3 for tokens, _ in sampled["sequences"])

@@ -1,0 +1,164 @@
+"""End-to-end runs of train.py on a tiny random model (seconds each)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from openai_stub import ChatStub, Reply
+
+import train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _sample(i: int, decision: str) -> dict:
+    messages = [
+        {"role": "user", "content": f"I have had a headache for {i + 1} days."},
+        {"role": "assistant", "content": "Where exactly is the pain: forehead, temples or the back of the head?"},
+        {"role": "user", "content": "Mostly the temples."},
+    ]
+    info = "" if decision == "stop" else "symptom severity: moderate, symptom trigger: screen work"
+    return {"cid": f"s{i}_1", "session_id": f"s{i}", "diagn": "tension headache", "messages": messages,
+            "decision_truth": decision, "info_truth": info}
+
+
+@pytest.fixture(scope="module")
+def data_files(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("data")
+    files = {}
+    for name, samples in {
+        "mixed": [_sample(i, "stop" if i % 3 == 0 else "continue") for i in range(12)],
+        "continue": [_sample(i, "continue") for i in range(12)],
+    }.items():
+        files[name] = d / f"{name}.jsonl"
+        files[name].write_text("".join(json.dumps(s) + "\n" for s in samples))
+    return files
+
+
+def _args(model_dir, data: Path, out: Path, *extra: str) -> list[str]:
+    return ["--model", str(model_dir), "--train_file", str(data), "--eval_file", str(data), "--output_dir", str(out),
+            "--prompts_per_step", "2", "--group_size", "3", "--max_new_tokens", "6", "--micro_batch_size", "4",
+            "--learning_rate", "1e-2", "--eval_samples", "4", *extra]
+
+
+def _grade(request: dict) -> str:
+    """A deterministic grader: scores depend on the graded response only, so runs can be compared."""
+    digest = hashlib.sha256(request["messages"][-1]["content"].encode()).digest()
+    return (f"<think>stub</think><format_score>{[0.0, 0.5, 1.0][digest[0] % 3]}</format_score>"
+            f"<content_score>{[0.0, 0.5, 1.0][digest[1] % 3]}</content_score>")
+
+
+@pytest.fixture(scope="module")
+def judge_url():
+    """An OpenAI-compatible grader stub on 127.0.0.1 (test double for a remote LLM judge).
+
+    The offline rubric judge gives a random tiny model's gibberish the same reward every time, so the
+    advantages, and with them the gradient, would be zero; this grader varies with the response.
+    """
+    with ChatStub(_grade) as stub:
+        yield ["--judge", "openai", "--judge_url", stub.base_url]
+
+
+def test_tiny_run_trains_logs_and_saves(tiny_model_dir, data_files, judge_url, tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "test")
+    out = tmp_path / "run"
+    train.main(_args(tiny_model_dir, data_files["mixed"], out, "--steps", "3", "--eval_every", "2", *judge_url))
+
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]
+    for r in rows[1:]:
+        assert torch.isfinite(torch.tensor(r["loss"])) and r["grad_norm"] > 0
+        for key in ("reward", "reward_std", "reward_action", "reward_content", "reward_format", "decision_accuracy",
+                    "kl_mean", "clip_low_frac", "entropy", "completion_length", "tokens_per_second",
+                    "time/generate", "time/judge", "time/train", "skipped_steps"):
+            assert key in r, key
+    assert "eval/reward" in rows[0] and "eval/reward" in rows[2] and "eval/reward" in rows[3]
+    assert (out / "curves.png").stat().st_size > 10_000
+
+    checkpoint = out / "checkpoints" / "step-000003"
+    reloaded = AutoModelForCausalLM.from_pretrained(checkpoint)
+    initial = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    changed = [n for n, p in reloaded.named_parameters() if not torch.equal(p, dict(initial.named_parameters())[n])]
+    assert len(changed) == len(list(initial.parameters())), "every parameter should have moved"
+    assert (checkpoint / "trainer_state.pt").exists() and (checkpoint / "tokenizer.json").exists()
+
+
+def test_kl_to_reference_is_logged(tiny_model_dir, data_files, judge_url, tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "test")
+    out = tmp_path / "run"
+    train.main(_args(tiny_model_dir, data_files["mixed"], out, "--steps", "2", "--eval_every", "0",
+                     "--kl_coef", "0.1", "--loss_agg", "seq-mean-token-mean", *judge_url))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["kl_mean"] == pytest.approx(0.0, abs=1e-6)  # step 1: the policy is still the reference
+    assert rows[1]["kl_mean"] > 1e-6  # after one update with lr 1e-2 it has moved away
+
+
+def test_config_file_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("steps: 7\ngroup_size: 5\n")
+    cfg = train.parse_config(["--config", str(path), "--steps", "9"])
+    assert (cfg.steps, cfg.group_size) == (9, 5)
+    path.write_text("stepz: 7\n")
+    with pytest.raises(SystemExit, match="unknown config keys: stepz"):
+        train.parse_config(["--config", str(path)])
+
+
+def _run(args: list[str], **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "OPENAI_API_KEY": "test", "PYTHONPATH": str(REPO)}
+    return subprocess.Popen([sys.executable, str(REPO / "train.py"), *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def test_killed_run_resumes_exactly(tiny_model_dir, data_files, tmp_path):
+    """Kill a run while it waits for the grader at step 3, resume it, compare with an uninterrupted run.
+
+    The grader is an OpenAI-compatible stub on 127.0.0.1 (a test double for a remote LLM judge); it
+    hangs on the first request of step 3, so the kill lands mid-step, after checkpoint 2.
+    """
+    steps, per_step = 4, 2 * 3  # every tiny-model answer is a "continue" -> one grader call per completion
+    hang_after = 2 * per_step
+
+    def handler(request: dict):
+        if handler.hang and len(stub.requests) > hang_after:
+            return Reply(content=_grade(request), delay=120)
+        return _grade(request)
+
+    common = ["--steps", str(steps), "--eval_every", "0", "--save_every", "1", "--judge", "openai"]
+    with ChatStub(handler) as stub:
+        handler.hang = False
+        full = _run(_args(tiny_model_dir, data_files["continue"], tmp_path / "full", *common, "--judge_url", stub.base_url))
+        assert full.wait(timeout=300) == 0, full.stdout.read()
+
+    with ChatStub(handler) as stub:
+        handler.hang = True
+        victim = _run(_args(tiny_model_dir, data_files["continue"], tmp_path / "cut", *common, "--judge_url", stub.base_url))
+        deadline = time.time() + 300
+        while len(stub.requests) <= hang_after:
+            assert victim.poll() is None and time.time() < deadline, victim.stdout.read() if victim.poll() else "timeout"
+            time.sleep(0.05)
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
+        assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints").glob("step-*")) == ["step-000001", "step-000002"]
+        handler.hang = False
+        resumed = _run(_args(tiny_model_dir, data_files["continue"], tmp_path / "cut", *common,
+                             "--judge_url", stub.base_url, "--resume", "true"))
+        assert resumed.wait(timeout=300) == 0, resumed.stdout.read()
+
+    final = f"checkpoints/step-{steps:06d}/model.safetensors"
+    a, b = load_file(tmp_path / "full" / final), load_file(tmp_path / "cut" / final)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    strip = lambda row: {k: v for k, v in row.items() if not k.startswith("time/") and k != "tokens_per_second"}  # noqa: E731
+    rows = lambda run: [strip(json.loads(l)) for l in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731, E741
+    assert rows("full") == rows("cut")

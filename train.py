@@ -1,0 +1,409 @@
+"""Learn-to-Ask with GRPO: the whole training loop, top to bottom.
+
+    python train.py                                   # embedded default: SmolLM2-135M, synthetic data, CPU
+    python train.py --config configs/tiny_cpu.yaml --steps 5
+    accelerate launch train.py --config configs/<preset>.yaml   # N processes (DDP/FSDP)
+
+Each step:
+  1. take ``prompts_per_step`` consultations (each process its share) and sample ``group_size``
+     completions for each: a question for the patient, or ``<stop />``;
+  2. score every completion: the judge grades correct "continue" questions, ``compute_reward``
+     turns decision, content and format into one number (the paper's R = R_s(1 + 2 R_a) + P);
+  3. group-relative advantages: how much better each completion is than its siblings;
+  4. the clipped policy-gradient loss (plus a KL term to a frozen reference if ``kl_coef > 0``),
+     accumulated over micro-batches with global token counts, so N processes and any micro-batch
+     size give the same update;
+  5. clip the gradient norm and take an optimizer step (skipped if anything is not finite).
+Every ``eval_every`` steps the policy answers held-out consultations greedily; every ``save_every``
+steps a Hugging Face checkpoint plus the trainer state is written, and ``--resume`` continues a
+stopped run exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm import tqdm
+from transformers import HfArgumentParser
+
+from l2a.data import load_samples
+from l2a.grpo import group_advantages, grpo_loss, token_entropy, token_logprobs
+from l2a.model import EMBEDDED_DEFAULT, load_model, load_tokenizer
+from l2a.prompts import STOP_TOKEN, policy_messages
+from l2a.reward import OpenAIJudge, RubricJudge, score_responses
+from l2a.rollout import Completion, HFEngine, SamplingConfig, completion_logits, pack_completions
+
+
+def arg(default, help: str):
+    """A config field with its documentation (shown by ``--help``)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: default, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Config:
+    # --- what to train on -------------------------------------------------------------------------
+    model: str = arg(EMBEDDED_DEFAULT, f"HF checkpoint directory, or {EMBEDDED_DEFAULT!r} (bundled GGUF, converted once).")
+    train_file: str = arg("data/synthetic/train.jsonl", "Training samples (JSONL written by `python -m l2a.data`).")
+    eval_file: str = arg("data/synthetic/test.jsonl", "Held-out samples for the periodic evaluation.")
+    output_dir: str = arg("runs/default", "Metrics, plots and checkpoints go here.")
+    backend: str = arg("local", "'local' (torch here, any number of processes) or 'tinker' (sampling and training on Tinker).")
+    seed: int = arg(0, "Seeds data order, sampling and initialisation.")
+    # --- rollouts ---------------------------------------------------------------------------------
+    prompts_per_step: int = arg(4, "Consultations per optimizer step, over all processes (the paper: 64).")
+    group_size: int = arg(4, "Completions sampled per consultation: the GRPO group (the paper: 5).")
+    max_new_tokens: int = arg(40, "Completion length limit in tokens (the paper: 1024).")
+    temperature: float = arg(1.0, "Sampling temperature; the trainer's log-probabilities use the same one.")
+    top_p: float = arg(1.0, "Nucleus sampling threshold for rollouts.")
+    rollout_engine: str = arg("hf", "Rollout engine: 'hf' (transformers generate) or 'vllm' (colocated, synced every step).")
+    generation_batch_size: int = arg(32, "Sequences generated at once by the HF engine.")
+    # --- reward -----------------------------------------------------------------------------------
+    judge: str = arg("rubric", "'rubric' (offline, deterministic) or 'openai' (an OpenAI-compatible LLM grader).")
+    judge_url: str = arg("http://127.0.0.1:8000/v1", "Base URL of the grader endpoint (judge=openai).")
+    judge_model: str = arg("Qwen/Qwen2.5-32B-Instruct", "Grader model name (judge=openai).")
+    judge_api_key_env: str = arg("OPENAI_API_KEY", "Environment variable holding the grader's API key.")
+    judge_concurrency: int = arg(16, "Grader requests in flight at once.")
+    train_mode: str = arg("Ra+Rs", "Reward: 'Ra+Rs' (paper), 'Ra' (no stop reward/rule), 'Rs' (no question reward).")
+    fusion_mode: str = arg("default", "With Ra+Rs: 'default' = R_s(1+2R_a)+P (hierarchical), 'sum' = R_s+R_a+P.")
+    # --- GRPO -------------------------------------------------------------------------------------
+    steps: int = arg(20, "Optimizer steps.")
+    learning_rate: float = arg(2e-5, "AdamW learning rate, constant (the paper: 5e-7 for 7B).")
+    weight_decay: float = arg(0.0, "AdamW weight decay.")
+    adv_scale: str = arg("group", "Advantage scaling: 'group' (GRPO), 'batch', or 'none' (Dr. GRPO).")
+    clip_low: float = arg(0.2, "PPO clip: ratio floor is 1 - clip_low.")
+    clip_high: float = arg(0.2, "PPO clip: ratio ceiling is 1 + clip_high (DAPO suggests 0.28).")
+    kl_coef: float = arg(0.0, "Weight of the KL penalty to the frozen initial model; 0 loads no reference.")
+    kl_estimator: str = arg("k3", "KL estimator: k1, k2 or k3.")
+    loss_agg: str = arg("token-mean", "'token-mean', 'seq-mean-token-mean' (GRPO paper) or 'seq-mean-token-sum-norm' (Dr. GRPO).")
+    max_grad_norm: float = arg(1.0, "Gradient norm clip.")
+    micro_batch_size: int = arg(16, "Completions per forward/backward pass, in whole groups (gradient accumulation inside a step).")
+    # --- Tinker backend (backend=tinker) ---------------------------------------------------------------
+    tinker_base_model: str = arg("Qwen/Qwen3-8B", "Base model trained with LoRA on Tinker.")
+    lora_rank: int = arg(32, "LoRA rank on Tinker.")
+    tinker_loss_fn: str = arg("importance_sampling", "Tinker's built-in loss: 'importance_sampling' or 'ppo'.")
+    # --- evaluation, logging, checkpoints -------------------------------------------------------
+    eval_every: int = arg(5, "Evaluate on held-out samples every N steps (and at the start and end); 0 = never.")
+    eval_samples: int = arg(24, "Held-out samples per evaluation (greedy decoding, one completion each).")
+    save_every: int = arg(0, "Write a checkpoint every N steps (0 = only at the end).")
+    keep_checkpoints: int = arg(2, "Keep the newest N checkpoints.")
+    resume: bool = arg(False, "Continue from the newest checkpoint in output_dir.")
+    log_with: str = arg("", "Also log to 'tensorboard' or 'wandb' through accelerate's trackers.")
+
+
+def parse_config(argv: list[str]) -> Config:
+    """Defaults < YAML file (``--config``) < command-line flags."""
+    parser = HfArgumentParser(Config)
+    parser.add_argument("--config", default=None, help="YAML file with Config fields.")
+    known, _ = parser.parse_known_args(argv)
+    if known.config:
+        with open(known.config) as f:
+            overrides = yaml.safe_load(f) or {}
+        unknown = sorted(set(overrides) - {f for f in Config.__dataclass_fields__})
+        if unknown:
+            raise SystemExit(f"error: {known.config}: unknown config keys: {', '.join(unknown)}")
+        parser.set_defaults(**overrides)
+    config, _ = parser.parse_args_into_dataclasses(argv)
+    return config
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints: a Hugging Face model directory plus trainer_state.pt, written atomically.
+# --------------------------------------------------------------------------------------------------
+
+
+def latest_checkpoint(cfg: Config) -> Path | None:
+    found = sorted((Path(cfg.output_dir) / "checkpoints").glob("step-*"))
+    return found[-1] if found else None
+
+
+# --------------------------------------------------------------------------------------------------
+# Data order: a fresh permutation per epoch, a pure function of (seed, step) -> resumable for free.
+# --------------------------------------------------------------------------------------------------
+
+
+def prompts_for_step(num_samples: int, step: int, per_step: int, seed: int) -> list[int]:
+    indices = []
+    for position in range(step * per_step, (step + 1) * per_step):
+        epoch, offset = divmod(position, num_samples)
+        generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        indices.append(int(torch.randperm(num_samples, generator=generator)[offset]))
+    return indices
+
+
+def make_judge(cfg: Config):
+    if cfg.judge == "rubric":
+        return RubricJudge()
+    if cfg.judge == "openai":
+        return OpenAIJudge(cfg.judge_url, cfg.judge_model, api_key_env=cfg.judge_api_key_env, concurrency=cfg.judge_concurrency)
+    raise SystemExit(f"error: judge must be 'rubric' or 'openai', got {cfg.judge!r}")
+
+
+def score(judge, samples: list[dict], completions: list[Completion], cfg: Config):
+    """Rewards of completions; ``completions[i]`` answers ``samples[completions[i].prompt_index]``."""
+    answered = [samples[c.prompt_index] for c in completions]
+    scored = score_responses(judge, answered, [c.text for c in completions], cfg.train_mode, cfg.fusion_mode)
+    return [s.reward for s in scored]
+
+
+@torch.no_grad()
+def evaluate(policy, judge, samples: list[dict], cfg: Config) -> dict[str, float]:
+    """Greedy answers to held-out consultations, scored like training rollouts."""
+    chats = [policy_messages(s["messages"], cfg.train_mode) for s in samples]
+    completions = policy.generate(chats, 1, SamplingConfig(temperature=0.0, max_new_tokens=cfg.max_new_tokens))
+    rewards = score(judge, samples, completions, cfg)
+    is_stop = [s["decision_truth"] == "stop" for s in samples]
+    mean = lambda xs: sum(xs) / max(len(xs), 1)  # noqa: E731
+    return {
+        "eval/reward": mean([r.total for r in rewards]),
+        "eval/decision_accuracy": mean([r.action for r in rewards]),
+        "eval/stop_accuracy": mean([r.action for r, s in zip(rewards, is_stop) if s]),
+        "eval/continue_accuracy": mean([r.action for r, s in zip(rewards, is_stop) if not s]),
+        "eval/content": mean([r.content for r in rewards]),
+        "eval/format": mean([r.format for r in rewards]),
+    }
+
+
+class LocalPolicy:
+    """The policy trained in this process with torch: model, optimizer, frozen reference, rollout engine.
+
+    The loop in ``main`` only calls ``generate``, ``update`` and ``save``; ``l2a.tinker_backend``
+    offers the same three methods with sampling and training on Tinker instead.
+    """
+
+    def __init__(self, cfg: Config, accelerator: Accelerator, resume_from: Path | None):
+        self.cfg, self.accelerator = cfg, accelerator
+        path = str(resume_from) if resume_from else cfg.model
+        self.tokenizer = load_tokenizer(path)
+        model = load_model(path)
+        model.config.use_cache = False
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        if resume_from:
+            optimizer.load_state_dict(torch.load(resume_from / "trainer_state.pt", weights_only=False)["optimizer"])
+        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        self.reference = None
+        if cfg.kl_coef:  # the frozen starting point: never the resumed weights
+            reference = load_model(cfg.model).eval().requires_grad_(False)
+            self.reference = accelerator.prepare_model(reference, evaluation_mode=True)
+        if cfg.rollout_engine == "hf":
+            self.engine = HFEngine(accelerator.unwrap_model(self.model), self.tokenizer, cfg.generation_batch_size)
+        elif cfg.rollout_engine == "vllm":
+            from l2a.vllm_engine import VLLMEngine
+
+            self.engine = VLLMEngine.for_model(accelerator.unwrap_model(self.model), self.tokenizer, cfg)
+        else:
+            raise SystemExit(f"error: rollout_engine must be 'hf' or 'vllm', got {cfg.rollout_engine!r}")
+
+    def generate(self, chats: list[list[dict]], n: int, sampling: SamplingConfig) -> list[Completion]:
+        return self.engine.generate(chats, n, sampling)
+
+    def update(self, completions: list[Completion], advantages: torch.Tensor) -> dict[str, float]:
+        """Steps 4 and 5: the GRPO loss over micro-batches, then one optimizer step."""
+        cfg, accelerator, model = self.cfg, self.accelerator, self.model
+        world = accelerator.num_processes
+        local_tokens = sum(len(c.token_ids) for c in completions)
+        # The loss divides by the counts of the whole batch (all processes, all micro-batches).
+        num_tokens = accelerator.reduce(torch.tensor(float(local_tokens)), "sum").item()
+        totals = dict.fromkeys(["loss", "entropy", "clip_low_frac", "clip_high_frac", "ratio_mean", "kl_mean"], 0.0)
+        # Micro-batches hold whole groups, so each prompt's forward pass is shared by its group (rollout.py).
+        per_micro = max(cfg.group_size, cfg.micro_batch_size // cfg.group_size * cfg.group_size)
+        starts = range(0, len(completions), per_micro)
+        for i, start in enumerate(starts):
+            part = completions[start : start + per_micro]
+            batch = pack_completions(part, self.tokenizer.pad_token_id)
+            # Only the last micro-batch synchronises gradients across processes.
+            with accelerator.no_sync(model) if i < len(starts) - 1 else contextlib.nullcontext():
+                logits = completion_logits(model, batch)
+                logprobs = token_logprobs(logits, batch.completion_ids, cfg.temperature)
+                entropy = token_entropy(logits, cfg.temperature)
+                del logits  # [b, C, V] is the biggest tensor of the step: free it before backward
+                ref_logprobs = None
+                if self.reference is not None:
+                    with torch.no_grad():
+                        ref_logits = completion_logits(self.reference, batch)
+                        ref_logprobs = token_logprobs(ref_logits, batch.completion_ids, cfg.temperature)
+                        del ref_logits
+                loss, stats = grpo_loss(
+                    logprobs,
+                    logprobs.detach(),  # one pass per batch: pi_old = pi, ratio 1 (see grpo.py)
+                    advantages[start : start + len(part)],
+                    batch.completion_mask,
+                    ref_logprobs,
+                    clip_low=cfg.clip_low,
+                    clip_high=cfg.clip_high,
+                    kl_coef=cfg.kl_coef,
+                    kl_estimator=cfg.kl_estimator,
+                    loss_agg=cfg.loss_agg,
+                    num_tokens=num_tokens,
+                    max_len=cfg.max_new_tokens,
+                    num_seqs=cfg.prompts_per_step * cfg.group_size,
+                )
+                # DDP/FSDP average gradients over processes; the loss already divides by global counts.
+                accelerator.backward(loss * world)
+            n = batch.completion_mask.sum().item()
+            totals["loss"] += loss.item()
+            totals["entropy"] += (entropy * batch.completion_mask).sum().item()
+            for key in ("clip_low_frac", "clip_high_frac", "ratio_mean", "kl_mean"):
+                totals[key] += stats[key].item() * n
+
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        applied = math.isfinite(totals["loss"]) and bool(torch.isfinite(grad_norm))
+        if applied:  # a non-finite loss or gradient would poison the weights and Adam's moments
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if applied and cfg.rollout_engine == "vllm":
+            self.engine.sync_weights(model)
+        per_token = {k: totals[k] / max(local_tokens, 1) for k in totals if k != "loss"}
+        return {"loss": totals["loss"], "grad_norm": grad_norm.item(), "applied": applied, **per_token}
+
+    def save(self, step: int, trainer_state: dict) -> Path:
+        """A Hugging Face model directory plus ``trainer_state.pt``, written atomically."""
+        accelerator, cfg = self.accelerator, self.cfg
+        out = Path(cfg.output_dir) / "checkpoints"
+        final = out / f"step-{step:06d}"
+        state_dict = accelerator.get_state_dict(self.model)  # gathers shards under FSDP (a collective)
+        if accelerator.is_main_process:
+            tmp = out / f".tmp-step-{step:06d}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            accelerator.unwrap_model(self.model).save_pretrained(tmp, state_dict=state_dict)
+            self.tokenizer.save_pretrained(tmp)
+            torch.save({"optimizer": self.optimizer.state_dict(), **trainer_state}, tmp / "trainer_state.pt")
+            (tmp / "l2a_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)  # a checkpoint directory exists only once it is complete
+            for old in sorted(out.glob("step-*"))[: -cfg.keep_checkpoints]:
+                shutil.rmtree(old)
+        accelerator.wait_for_everyone()
+        return final
+
+
+def trainer_state(checkpoint: Path) -> dict:
+    return torch.load(checkpoint / "trainer_state.pt", weights_only=False)
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_config(sys.argv[1:] if argv is None else argv)
+    accelerator = Accelerator(log_with=cfg.log_with or None, project_dir=cfg.output_dir)
+    set_seed(cfg.seed)
+    out_dir = Path(cfg.output_dir)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if cfg.prompts_per_step % world:
+        raise SystemExit(f"error: prompts_per_step={cfg.prompts_per_step} must be a multiple of {world} processes")
+
+    train_samples = load_samples(cfg.train_file)
+    eval_samples = load_samples(cfg.eval_file)[: cfg.eval_samples] if cfg.eval_every else []
+    judge = make_judge(cfg)
+
+    start_step, skipped_steps, resume_from = 0, 0, None
+    if cfg.resume and (resume_from := latest_checkpoint(cfg)) is not None:
+        state = trainer_state(resume_from)
+        start_step, skipped_steps = state["step"], state["skipped_steps"]
+        accelerator.print(f"resuming from {resume_from} (step {start_step})")
+    if cfg.backend == "local":
+        policy = LocalPolicy(cfg, accelerator, resume_from)
+    elif cfg.backend == "tinker":
+        from l2a.tinker_backend import TinkerPolicy
+
+        policy = TinkerPolicy(cfg, resume_from)
+    else:
+        raise SystemExit(f"error: backend must be 'local' or 'tinker', got {cfg.backend!r}")
+
+    accelerator.init_trackers("l2a", config=asdict(cfg))
+    metrics_file = out_dir / "metrics.jsonl"
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if resume_from is None and metrics_file.exists():
+            metrics_file.unlink()  # a fresh run starts a fresh log
+        elif resume_from is not None:  # drop lines written after the checkpoint we resume from
+            kept = [l for l in metrics_file.read_text().splitlines() if l and json.loads(l)["step"] <= start_step]
+            metrics_file.write_text("".join(l + "\n" for l in kept))
+
+    def log(metrics: dict, step: int) -> None:
+        accelerator.log(metrics, step=step)
+        if accelerator.is_main_process:
+            with metrics_file.open("a") as f:
+                f.write(json.dumps({"step": step, **metrics}) + "\n")
+
+    if eval_samples and start_step == 0:
+        log(evaluate(policy, judge, eval_samples, cfg), step=0)
+
+    progress = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps,
+                    disable=not accelerator.is_main_process, desc="grpo")
+    for step in progress:
+        t0 = time.perf_counter()
+        # ---- 1. rollouts: this process's share of the step's prompts, group_size completions each ----
+        indices = prompts_for_step(len(train_samples), step, cfg.prompts_per_step, cfg.seed)
+        my_samples = [train_samples[i] for i in indices[rank::world]]
+        sampling = SamplingConfig(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
+                                  seed=cfg.seed * 1_000_003 + step * 1_009 + rank)
+        chats = [policy_messages(s["messages"], cfg.train_mode) for s in my_samples]
+        completions = policy.generate(chats, cfg.group_size, sampling)
+        t1 = time.perf_counter()
+
+        # ---- 2. rewards: the judge grades correct "continue" questions, compute_reward does the rest -
+        rewards = score(judge, my_samples, completions, cfg)
+        local = torch.tensor([[r.total, r.action, r.content, r.format] for r in rewards])
+        t2 = time.perf_counter()
+
+        # ---- 3. advantages: every group is whole on one process; gather so "batch" scaling sees all --
+        everything = accelerator.gather(local)  # [prompts_per_step * group_size, 4], in rank order
+        advantages = group_advantages(everything[:, 0], cfg.group_size, cfg.adv_scale).view(world, -1)[rank]
+
+        # ---- 4.+5. loss, backward, optimizer step (skipped if anything is not finite) --------------
+        update = policy.update(completions, advantages)
+        if not update.pop("applied"):
+            skipped_steps += 1
+            accelerator.print(f"step {step + 1}: non-finite loss or gradient, update skipped")
+        t3 = time.perf_counter()
+
+        # ---- logging ------------------------------------------------------------------------------
+        local_tokens = sum(len(c.token_ids) for c in completions)
+        parts = everything.mean(dim=0)
+        groups = everything[:, 0].view(-1, cfg.group_size)
+        metrics = {
+            "reward": parts[0].item(),
+            "reward_std": everything[:, 0].std().item(),
+            "reward_action": parts[1].item(),
+            "reward_content": parts[2].item(),
+            "reward_format": parts[3].item(),
+            "decision_accuracy": parts[1].item(),
+            "frac_zero_std_groups": (groups.max(1).values == groups.min(1).values).float().mean().item(),
+            **update,
+            "completion_length": local_tokens / len(completions),
+            "stop_rate": sum(STOP_TOKEN in c.text for c in completions) / len(completions),
+            "tokens_per_second": local_tokens / (t1 - t0),
+            "time/generate": t1 - t0,
+            "time/judge": t2 - t1,
+            "time/train": t3 - t2,
+            "skipped_steps": skipped_steps,
+        }
+        if eval_samples and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
+            metrics.update(evaluate(policy, judge, eval_samples, cfg))
+        log(metrics, step=step + 1)
+        progress.set_postfix(reward=f"{metrics['reward']:.2f}", acc=f"{metrics['decision_accuracy']:.2f}")
+
+        if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.steps:
+            policy.save(step + 1, {"step": step + 1, "skipped_steps": skipped_steps})
+
+    accelerator.end_training()
+    if accelerator.is_main_process:
+        from l2a.plot import plot_run
+
+        accelerator.print(f"curves: {plot_run(out_dir)}")
+
+
+if __name__ == "__main__":
+    main()
