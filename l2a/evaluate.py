@@ -39,8 +39,9 @@ from tqdm import tqdm  # noqa: E402
 
 from l2a.data import DataError, load_samples  # noqa: E402
 from l2a.prompts import policy_messages  # noqa: E402
-from l2a.reward import DECISIONS, OpenAIJudge, RubricJudge, fuse, needs_grade, predicted_decision  # noqa: E402
-from l2a.reward import score_responses  # noqa: E402
+from l2a.reward import (  # noqa: E402
+    DECISIONS, OpenAIJudge, RubricJudge, ScoredResponse, fuse, needs_grade, predicted_decision, score_responses,
+)
 
 if TYPE_CHECKING:  # l2a.model and l2a.rollout import torch: loaded only when a run needs them (not for `compare`)
     from l2a.rollout import SamplingConfig
@@ -155,7 +156,7 @@ def check_settings(out_dir: Path, settings: dict[str, dict]) -> None:
         old, new = saved.get(stage), settings[stage]
         has_results = (out_dir / file).exists() and (out_dir / file).stat().st_size > 0
         if old is not None and old != new and has_results:
-            changed = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(new) if old.get(k) != new.get(k))
+            changed = ", ".join(f"{k}: {old.get(k)!r} -> {v!r}" for k, v in sorted(new.items()) if old.get(k) != v)
             raise EvalError(
                 f"{out_dir / file} was made with other settings ({changed}). "
                 f"Use another --out, or delete {file} to redo that stage."
@@ -203,7 +204,7 @@ class EndpointPolicy:
 
     Each sample gets ``n`` requests, or one request for ``n`` choices (``n_choices=True``; not every server
     supports it). A failed request is retried ``max_retries`` times with exponential backoff; a sample whose
-    requests all fail is left out (counted in ``failed``) and redone by the next run. A repetition penalty other
+    requests all fail is left out (``on_done`` is not called) and redone by the next run. A repetition penalty other
     than 1 is sent as the vLLM extension field ``repetition_penalty``.
     """
 
@@ -218,7 +219,6 @@ class EndpointPolicy:
         self.timeout = timeout
         self.n_choices = n_choices
         self.backoff = backoff
-        self.failed = 0
 
     def run(self, items: Sequence[tuple[int, dict]], n: int, on_done: OnDone) -> None:
         asyncio.run(self._run(items, n, on_done))
@@ -233,10 +233,8 @@ class EndpointPolicy:
                 chat = policy_messages(sample["messages"])
                 sizes = [n] if self.n_choices else [1] * n
                 answers = await asyncio.gather(*(self._request(client, semaphore, chat, k) for k in sizes))
-                if any(a is None for a in answers):
-                    self.failed += 1
-                    return
-                on_done(position, [text for texts, _ in answers for text in texts], sum(t for _, t in answers))
+                if all(a is not None for a in answers):
+                    on_done(position, [text for texts, _ in answers for text in texts], sum(t for _, t in answers))
 
             await asyncio.gather(*(one_sample(position, sample) for position, sample in items))
 
@@ -316,7 +314,7 @@ def run_rollouts(samples: list[dict], make_policy: Callable[[], Policy], n: int,
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def grade_entry(response: str, decision_truth: str, scored) -> dict:
+def grade_entry(response: str, decision_truth: str, scored: ScoredResponse) -> dict:
     """The reference's grade record ``{think, action_score, format_score, content_score}`` of one rollout.
 
     Only a correct "continue" asks the judge; a judge failure there gets null scores (skipped by the metrics,
@@ -348,7 +346,9 @@ def run_grading(rollout_records: list[dict], judge, path: Path, batch_size: int 
 
     def finished(record: dict) -> bool:
         saved = done.get(record["cid"])
-        return saved is not None and saved["rollouts"] == record["rollouts"] and not any(map(_judge_failed, saved["grades"]))
+        if saved is None or saved["rollouts"] != record["rollouts"]:
+            return False
+        return not any(_judge_failed(grade) for grade in saved["grades"])
 
     todo = [r for r in rollout_records if not finished(r)]
     stats = StageStats()
@@ -359,7 +359,7 @@ def run_grading(rollout_records: list[dict], judge, path: Path, batch_size: int 
             samples = [record for record in batch for _ in record["rollouts"]]
             responses = [response for record in batch for response in record["rollouts"]]
             try:
-                scored = score_responses(judge, samples, responses)  # one judge batch for all rollouts of the chunk
+                scored = score_responses(judge, samples, responses)  # one judge batch for the whole chunk
             except RuntimeError as err:  # the judge endpoint refused us: a configuration error
                 raise EvalError(str(err)) from None
             for record in batch:
@@ -489,20 +489,21 @@ def plot_results(results: Sequence[dict], path: str | Path) -> Path:
                                             for _, title in metrics], fontsize=8)
         ax.set_ylim(0, top)
         ax.grid(axis="y", alpha=0.3)
-    axes[0].legend(fontsize=8)
     fig.suptitle("Learn-to-Ask evaluation")
-    fig.tight_layout()
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="upper center", bbox_to_anchor=(0.5, 0.94),
+               ncol=min(len(results), 5), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.91))  # leave room for the title and the legend above the bars
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
 
 
-def write_report(results: Sequence[dict], md_path: Path, png_path: Path | None) -> str:
+def write_report(results: Sequence[dict], md_path: Path, png_path: Path) -> str:
+    """The table as Markdown and the bar plot as PNG; returns the table."""
     table = format_table(results)
     md_path.parent.mkdir(parents=True, exist_ok=True)
     md_path.write_text("# Learn-to-Ask evaluation\n\n" + table)
-    if png_path is not None:
-        plot_results(results, png_path)
+    plot_results(results, png_path)
     return table
 
 
@@ -539,6 +540,19 @@ def make_policy(args: argparse.Namespace, sampling: SamplingConfig) -> Policy:
         except (OSError, ValueError, RuntimeError) as err:
             raise EvalError(f"--model {args.model}: vLLM cannot start on it ({_first_line(err)})") from None
         return EnginePolicy(engine, sampling, args.batch_size)
+    if args.engine == "tinker":
+        if not args.tinker_path:
+            raise EvalError("--engine tinker needs --tinker-path (a tinker:// sampler path or a Tinker run's checkpoint)")
+        try:
+            from l2a.tinker_backend import TinkerEngine, TinkerFailure
+        except ImportError as err:
+            raise EvalError(f"--engine tinker needs tinker ({_first_line(err)}): pip install -r requirements-tinker.txt") from None
+        tokenizer_source = args.model if args.model and Path(args.model).is_dir() else None
+        try:
+            engine = TinkerEngine.from_path(args.tinker_path, tokenizer_source=tokenizer_source)
+        except (TinkerFailure, OSError, ValueError) as err:
+            raise EvalError(f"--tinker-path {args.tinker_path}: {_first_line(err)}") from None
+        return EnginePolicy(engine, sampling, args.batch_size)
     from l2a.model import load_model, load_tokenizer
     from l2a.rollout import HFEngine
 
@@ -571,40 +585,44 @@ def run_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--test-file", default="data/synthetic/test.jsonl", help="Test samples (JSONL from l2a.data).")
     p.add_argument("--out", default="runs/eval", help="Output directory (stage files, metrics.json/.md/.png).")
-    p.add_argument("--name", default=None, help="Column title of this run (default: the --out directory name).")
+    p.add_argument("--name", default=None, help="Column title of this run; the --out directory name if unset.")
     p.add_argument("--limit", type=int, default=None, help="Evaluate only the first N test samples.")
     p.add_argument("--compare", nargs="+", default=[], metavar="JSON", help="Saved metrics.json files to show beside.")
     g = p.add_argument_group("policy (stage 1)")
     g.add_argument("--model", default=None,
-                   help=f"HF checkpoint directory, or {EMBEDDED_DEFAULT!r} (default when no --policy-url).")
-    g.add_argument("--engine", choices=("hf", "vllm"), default="hf", help="Rollout engine for --model.")
+                   help=f"HF checkpoint directory, or {EMBEDDED_DEFAULT!r} (used if neither is given).")
+    g.add_argument("--engine", choices=("hf", "vllm", "tinker"), default="hf", help="Rollout engine for --model.")
+    g.add_argument("--tinker-path", default=None,
+                   help="--engine tinker: a tinker:// sampler path, or a checkpoint directory of a Tinker run.")
     g.add_argument("--batch-size", type=int, default=8, help="Test samples per generate call.")
     g.add_argument("--max-model-len", type=int, default=4096, help="vLLM only: longest prompt + response in tokens.")
     g.add_argument("--policy-url", default=None, help="Evaluate a model served behind this OpenAI-compatible URL.")
     g.add_argument("--policy-model", default=None, help="Model name at --policy-url.")
-    g.add_argument("--policy-api-key-env", default="OPENAI_API_KEY", help="Environment variable with its API key.")
+    g.add_argument("--policy-api-key-env", default="OPENAI_API_KEY",
+                   help="Environment variable with its API key (required; EMPTY for a local server without a key).")
     g.add_argument("--policy-concurrency", type=int, default=8, help="Policy requests in flight at once.")
     g.add_argument("--policy-retries", type=int, default=3, help="Retries of a failed policy request.")
     g.add_argument("--policy-timeout", type=float, default=120.0, help="Seconds per policy request.")
     g.add_argument("--policy-n-choices", action="store_true", help="One request with n= choices per sample.")
     g = p.add_argument_group("sampling (the reference evaluation's values)")
     g.add_argument("-n", "--n", type=int, default=3, help="Responses per test sample.")
-    g.add_argument("--temperature", type=float, default=1.0)
-    g.add_argument("--top-p", type=float, default=0.95)
-    g.add_argument("--max-new-tokens", type=int, default=512)
+    g.add_argument("--temperature", type=float, default=1.0, help="Sampling temperature.")
+    g.add_argument("--top-p", type=float, default=0.95, help="Nucleus sampling threshold.")
+    g.add_argument("--max-new-tokens", type=int, default=512, help="Response length limit in tokens.")
     g.add_argument("--repetition-penalty", type=float, default=1.2, help="Use 1.0 for endpoints without it.")
     g.add_argument("--seed", type=int, default=0, help="Seeds local sampling (same command, same rollouts).")
     g = p.add_argument_group("judge (stage 2)")
     g.add_argument("--judge", choices=("rubric", "openai"), default="rubric",
                    help="'rubric' (offline keyword rules) or 'openai' (an LLM grader at --judge-url).")
-    g.add_argument("--judge-url", default="http://127.0.0.1:8000/v1")
-    g.add_argument("--judge-model", default="Qwen/Qwen2.5-32B-Instruct")
-    g.add_argument("--judge-api-key-env", default="OPENAI_API_KEY")
+    g.add_argument("--judge-url", default="http://127.0.0.1:8000/v1", help="Base URL of the grader endpoint.")
+    g.add_argument("--judge-model", default="Qwen/Qwen2.5-32B-Instruct", help="Grader model name.")
+    g.add_argument("--judge-api-key-env", default="OPENAI_API_KEY",
+                   help="Environment variable with the judge's API key (required with --judge openai).")
     g.add_argument("--judge-temperature", type=float, default=1.0, help="The reference grades at temperature 1.0.")
-    g.add_argument("--judge-max-tokens", type=int, default=512)
+    g.add_argument("--judge-max-tokens", type=int, default=512, help="Grader answer length limit in tokens.")
     g.add_argument("--judge-concurrency", type=int, default=16, help="Judge requests in flight at once.")
-    g.add_argument("--judge-retries", type=int, default=3)
-    g.add_argument("--judge-timeout", type=float, default=60.0)
+    g.add_argument("--judge-retries", type=int, default=3, help="Retries of a failed grader request.")
+    g.add_argument("--judge-timeout", type=float, default=60.0, help="Seconds per grader request.")
     return p
 
 
@@ -639,6 +657,8 @@ def settings_of(args: argparse.Namespace) -> dict[str, dict]:
     else:
         model = os.path.abspath(args.model) if os.path.isdir(args.model) else args.model
         policy = {"model": model, "engine": args.engine, "seed": args.seed}
+        if args.engine == "tinker":
+            policy["tinker_path"] = args.tinker_path
     rollouts = {**policy, "test_file": os.path.abspath(args.test_file), "n": args.n, "temperature": args.temperature,
                 "top_p": args.top_p, "max_new_tokens": args.max_new_tokens,
                 "repetition_penalty": args.repetition_penalty}
@@ -674,8 +694,8 @@ def run(args: argparse.Namespace) -> dict:
     timing = {"rollout_seconds": round(rollout_stats.seconds, 2), "load_seconds": round(rollout_stats.load_seconds, 2),
               "rollout_tokens": rollout_stats.tokens, "grading_seconds": round(grading_stats.seconds, 2),
               "total_seconds": round(time.perf_counter() - began, 2)}
-    result = {"name": args.name or out.resolve().name, "metrics": compute_metrics(graded), "counts": count_pairs(graded),
-              "settings": settings, "timing": timing}
+    result = {"name": args.name or out.resolve().name, "metrics": compute_metrics(graded),
+              "counts": count_pairs(graded), "settings": settings, "timing": timing}
     (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
     print(write_report([result, *columns], out / "metrics.md", out / "metrics.png"))
     print(f"rollouts: {rollout_stats.done} new samples in {rollout_stats.seconds:.1f} s "
@@ -687,13 +707,11 @@ def run(args: argparse.Namespace) -> dict:
 
 def compare(args: argparse.Namespace) -> None:
     results = [load_result(path) for path in args.results]
-    table = format_table(results)
     if args.out:
-        write_report(results, Path(args.out), None)
-    plot = args.plot or (str(Path(args.out).with_suffix(".png")) if args.out else None)
-    if plot:
-        plot_results(results, plot)
-    print(table)
+        write_report(results, Path(args.out), Path(args.plot or Path(args.out).with_suffix(".png")))
+    elif args.plot:
+        plot_results(results, args.plot)
+    print(format_table(results))
 
 
 def main(argv: list[str] | None = None) -> int:

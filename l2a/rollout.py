@@ -71,7 +71,12 @@ def stop_token_ids(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel | 
 
 
 class HFEngine:
-    """Sampling with transformers' ``generate``: batched, left-padded, KV-cached, seeded."""
+    """Sampling with transformers' ``generate``: batched, left-padded, KV-cached, seeded.
+
+    The n completions of a prompt share its prefill: each distinct prompt runs through the model once,
+    its key/value cache is copied n times, and ``generate`` continues from there. The prompt (~200
+    tokens) is much longer than a completion, so this removes most of the prefill cost of a GRPO group.
+    """
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int = 32):
         self.model = model
@@ -82,32 +87,49 @@ class HFEngine:
     @torch.no_grad()
     def generate(self, prompts: Sequence[list[dict]], n: int, sampling: SamplingConfig) -> list[Completion]:
         encoded = [encode_chat(self.tokenizer, chat) for chat in prompts]
-        jobs = [(i, ids) for i, ids in enumerate(encoded) for _ in range(n)]
-        greedy = sampling.temperature == 0
+        prompts_per_batch = max(1, self.batch_size // n)
         torch.manual_seed(sampling.seed)
         was_training = self.model.training
         self.model.eval()
         completions = []
-        for start in range(0, len(jobs), self.batch_size):
-            chunk = jobs[start : start + self.batch_size]
-            batch = self.tokenizer.pad({"input_ids": [ids for _, ids in chunk]}, return_tensors="pt")
-            output = self.model.generate(
-                **batch,
-                do_sample=not greedy,
-                temperature=None if greedy else sampling.temperature,
-                top_p=None if greedy else sampling.top_p,
-                top_k=None,  # the checkpoint's generation_config may set top_k=50; we want pure top_p
-                max_new_tokens=sampling.max_new_tokens,
-                repetition_penalty=sampling.repetition_penalty,
-                pad_token_id=self.tokenizer.pad_token_id,
-                eos_token_id=sorted(self.stop_ids),
-                use_cache=True,
-            )
-            new_tokens = output[:, batch["input_ids"].shape[1] :].tolist()
-            for (prompt_index, prompt_ids), tokens in zip(chunk, new_tokens):
-                completions.append(self._finish(prompt_index, prompt_ids, tokens))
+        for start in range(0, len(encoded), prompts_per_batch):
+            chunk = encoded[start : start + prompts_per_batch]
+            new_tokens = self._sample(chunk, n, sampling)
+            for row, tokens in enumerate(new_tokens):
+                prompt_index = start + row // n
+                completions.append(self._finish(prompt_index, encoded[prompt_index], tokens))
         self.model.train(was_training)
         return completions
+
+    def _sample(self, prompt_ids: list[list[int]], n: int, sampling: SamplingConfig) -> list[list[int]]:
+        batch = self.tokenizer.pad({"input_ids": prompt_ids}, return_tensors="pt")  # left padding
+        input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+        # Prefill all but the last prompt token once per prompt; generate() runs the last one itself.
+        prefill = self.model(
+            input_ids=input_ids[:, :-1],
+            attention_mask=attention_mask[:, :-1],
+            position_ids=(attention_mask[:, :-1].cumsum(-1) - 1).clamp(min=0),
+            logits_to_keep=1,
+            use_cache=True,
+        )
+        cache = prefill.past_key_values
+        cache.batch_repeat_interleave(n)  # rows: prompt 0 x n, prompt 1 x n, ...
+        greedy = sampling.temperature == 0
+        output = self.model.generate(
+            input_ids=input_ids.repeat_interleave(n, dim=0),
+            attention_mask=attention_mask.repeat_interleave(n, dim=0),
+            past_key_values=cache,
+            do_sample=not greedy,
+            temperature=None if greedy else sampling.temperature,
+            top_p=None if greedy else sampling.top_p,
+            top_k=None,  # the checkpoint's generation_config may set top_k=50; we want pure top_p
+            max_new_tokens=sampling.max_new_tokens,
+            repetition_penalty=sampling.repetition_penalty,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=sorted(self.stop_ids),
+            use_cache=True,
+        )
+        return output[:, input_ids.shape[1] :].tolist()
 
     def _finish(self, prompt_index: int, prompt_ids: list[int], tokens: list[int]) -> Completion:
         """Cut at the first stop token (kept: training on it teaches the model to end its turn)."""

@@ -22,7 +22,6 @@ import pytest
 from openai_stub import ChatStub, Reply
 
 from l2a.data import (
-    CONDITIONS,
     SAMPLE_KEYS,
     DataError,
     EndpointRejected,
@@ -38,10 +37,10 @@ from l2a.data import (
     read_extractions,
     split_by_session,
     split_session,
-    synthesize_sessions,
     write_jsonl,
 )
 from l2a.prompts import extraction_messages
+from l2a.synthetic import CONDITIONS, synthesize_sessions
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parents[2] / "shared/data/realmedconv_samples"

@@ -41,6 +41,8 @@ SAMPLES = [
      "info_truth": ""},
 ]
 QUESTION = "How severe is it? A) Mild B) Moderate C) Severe"
+# ChatStub's HTTP server queues only 5 pending connections; more at once stall for a TCP retry (~1 s).
+FEW_CONNECTIONS = ("--policy-concurrency", "4", "--judge-concurrency", "4")
 GOOD_GRADE = "<think>one direct question</think><format_score>1.0</format_score><content_score>0.5</content_score>"
 
 
@@ -139,6 +141,12 @@ def tiny_args(model: Path, test_file: Path, out: Path, *extra: str) -> list[str]
             "--max-new-tokens", "6", *extra]
 
 
+def served_args(policy: ChatStub, test_file: Path, out: Path, *extra: str) -> list[str]:
+    """Arguments to evaluate the stub policy served at ``policy``; the key variable is set by each test."""
+    return ["--policy-url", policy.base_url, "--policy-model", "served", "--policy-api-key-env", "L2A_TEST_KEY",
+            *FEW_CONNECTIONS, "--test-file", str(test_file), "--out", str(out), *extra]
+
+
 def check_grades_follow_the_reward(records: list[dict]) -> None:
     """Every stored action score is the decision rule of spec section 6, for every rollout."""
     for record in records:
@@ -171,7 +179,8 @@ def test_tiny_model_with_llm_judge_stub(tiny_model_dir, test_file, tmp_path, mon
     monkeypatch.setenv("L2A_TEST_KEY", "secret")
     with ChatStub(lambda request: GOOD_GRADE) as judge:
         args = tiny_args(tiny_model_dir, test_file, tmp_path / "out", "--judge", "openai", "--judge-url",
-                         judge.base_url, "--judge-model", "grader", "--judge-api-key-env", "L2A_TEST_KEY")
+                         judge.base_url, "--judge-model", "grader", "--judge-api-key-env", "L2A_TEST_KEY",
+                         *FEW_CONNECTIONS)
         assert main(args) == 0
     records = read_jsonl(tmp_path / "out" / "graded.jsonl")
     check_grades_follow_the_reward(records)
@@ -185,8 +194,7 @@ def test_tiny_model_with_llm_judge_stub(tiny_model_dir, test_file, tmp_path, mon
 def test_policy_endpoint_stub(test_file, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("L2A_TEST_KEY", "secret")
     with ChatStub(policy_reply) as policy:
-        args = ["--policy-url", policy.base_url, "--policy-model", "served", "--policy-api-key-env", "L2A_TEST_KEY",
-                "--test-file", str(test_file), "--out", str(tmp_path / "out"), "--name", "served-policy"]
+        args = served_args(policy, test_file, tmp_path / "out", "--name", "served-policy")
         assert main(args) == 0
     assert len(policy.requests) == 4 * 3  # one request per rollout by default
     request = policy.requests[0]
@@ -205,8 +213,7 @@ def test_policy_endpoint_stub(test_file, tmp_path, monkeypatch, capsys):
 def test_policy_endpoint_with_n_choices(test_file, tmp_path, monkeypatch):
     monkeypatch.setenv("L2A_TEST_KEY", "secret")
     with ChatStub(policy_reply) as policy:
-        args = ["--policy-url", policy.base_url, "--policy-model", "served", "--policy-api-key-env", "L2A_TEST_KEY",
-                "--policy-n-choices", "--test-file", str(test_file), "--out", str(tmp_path / "out"), "--limit", "2"]
+        args = served_args(policy, test_file, tmp_path / "out", "--policy-n-choices", "--limit", "2")
         assert main(args) == 0
     assert len(policy.requests) == 2 and all(r["n"] == 3 for r in policy.requests)
     assert [len(r["rollouts"]) for r in read_jsonl(tmp_path / "out" / "rollouts.jsonl")] == [3, 3]
@@ -216,8 +223,7 @@ def test_resume_redoes_nothing_finished(test_file, tmp_path, monkeypatch):
     monkeypatch.setenv("L2A_TEST_KEY", "secret")
     out = tmp_path / "out"
     with ChatStub(policy_reply) as policy:
-        args = ["--policy-url", policy.base_url, "--policy-model", "served", "--policy-api-key-env", "L2A_TEST_KEY",
-                "--test-file", str(test_file), "--out", str(out), "-n", "2"]
+        args = served_args(policy, test_file, out, "-n", "2")
         assert main(args + ["--limit", "2"]) == 0
         assert len(policy.requests) == 2 * 2
         first = (out / "rollouts.jsonl").read_text()
@@ -240,9 +246,8 @@ def test_judge_failures_are_stored_counted_and_retried(test_file, tmp_path, monk
     out = tmp_path / "out"
     answers = {"grade": "I cannot grade this."}
     with ChatStub(policy_reply) as policy, ChatStub(lambda request: answers["grade"]) as judge:
-        args = ["--policy-url", policy.base_url, "--policy-model", "served", "--policy-api-key-env", "L2A_TEST_KEY",
-                "--judge", "openai", "--judge-url", judge.base_url, "--judge-api-key-env", "L2A_TEST_KEY",
-                "--judge-retries", "0", "--test-file", str(test_file), "--out", str(out), "-n", "2"]
+        args = served_args(policy, test_file, out, "-n", "2", "--judge", "openai", "--judge-url", judge.base_url,
+                           "--judge-api-key-env", "L2A_TEST_KEY", "--judge-retries", "0")
         assert main(args) == 0
         failed = [g for r in read_jsonl(out / "graded.jsonl") for g in r["grades"] if g["content_score"] is None]
         assert len(failed) == 4 and all(g["format_score"] is None for g in failed)  # the 2 x 2 continue rollouts
@@ -324,3 +329,32 @@ def test_cli_subprocess(tiny_model_dir, test_file, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())["metrics"]
     assert set(metrics) == set(METRIC_KEYS)
     assert all(v is None or math.isfinite(v) for v in metrics.values())
+
+
+def test_policy_endpoint_failures_are_retried_then_left_for_the_next_run(tmp_path):
+    """A request that fails once is retried; a sample whose requests keep failing is not written, and is redone."""
+    from l2a.evaluate import EndpointPolicy, EvalError, run_rollouts
+    from l2a.rollout import SamplingConfig
+    from openai_stub import Reply
+
+    seen: set[str] = set()
+
+    def flaky(request: dict) -> str | Reply:
+        first_user, last = request["messages"][1]["content"], request["messages"][-1]["content"]
+        if first_user.startswith("I have had diarrhea"):
+            return Reply(status=503)  # samples 2_1 and 2_2: always down
+        if last not in seen:  # samples 1_1 and 1_2: the first call of each fails, the retry succeeds
+            seen.add(last)
+            return Reply(status=500)
+        return policy_reply(request)
+
+    path = tmp_path / "rollouts.jsonl"
+    sampling = SamplingConfig(temperature=1.0, top_p=0.95, max_new_tokens=32, repetition_penalty=1.2)
+    with ChatStub(flaky) as stub:
+        policy = EndpointPolicy(stub.base_url, "served", "key", sampling, concurrency=4, max_retries=1, backoff=0.0)
+        with pytest.raises(EvalError, match="2 samples got no rollouts"):
+            run_rollouts(SAMPLES, lambda: policy, 1, path)
+        assert [r["cid"] for r in read_jsonl(path)] == ["1_1", "1_2"]  # saved despite the others failing
+        stub.handler = policy_reply
+        records, stats = run_rollouts(SAMPLES, lambda: policy, 1, path)
+    assert stats.done == 2 and [r["cid"] for r in records] == [s["cid"] for s in SAMPLES]

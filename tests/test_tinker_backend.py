@@ -442,3 +442,19 @@ def test_engine_groups_completions_and_maps_sampling_settings(world, caplog):
     sampled = world.samples[-1]
     assert (sampled["params"].top_k, sampled["params"].top_p, sampled["params"].seed) == (-1, 0.9, 7)
     assert all(len(tokens) == 3 for tokens, _ in sampled["sequences"])
+
+
+def test_evaluate_a_tinker_checkpoint(world, tiny_model_dir, data_file, tmp_path):
+    """`python -m l2a.evaluate --engine tinker` samples the checkpoint's sampler weights on (fake) Tinker."""
+    from l2a import evaluate
+
+    out = tmp_path / "run"
+    train.main(_args(tiny_model_dir, data_file, out, "--steps", "1", "--eval_every", "0"))
+    checkpoint = out / "checkpoints" / "step-000001"
+    code = evaluate.main(["--engine", "tinker", "--tinker-path", str(checkpoint), "--test-file", str(data_file),
+                          "--out", str(tmp_path / "eval"), "--limit", "2", "-n", "2", "--repetition-penalty", "1.0"])
+    assert code == 0
+    assert world.sampler_paths[-1] == "tinker://run-1/sampler_weights/step-000001"
+    graded = [json.loads(line) for line in (tmp_path / "eval" / "graded.jsonl").read_text().splitlines()]
+    assert len(graded) == 2 and all(len(r["rollouts"]) == 2 and set(r["rollouts"]) <= set(REPLIES) for r in graded)
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())

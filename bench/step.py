@@ -1,0 +1,124 @@
+"""Seconds and peak memory per phase of one GRPO step on the embedded default (or any model).
+
+    python bench/step.py                       # SmolLM2-135M, 4 prompts x 4 completions x 40 tokens, 3 steps
+    python bench/step.py --prompts 2 --group-size 8 --max-new-tokens 64 --threads 2
+
+Prints one line per phase: median seconds over the measured steps (the first step is a warm-up and
+is not counted) and the peak resident memory of the process during that phase.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run as a script from anywhere
+
+from l2a.data import load_samples  # noqa: E402
+from l2a.grpo import group_advantages, grpo_loss, token_logprobs
+from l2a.model import EMBEDDED_DEFAULT, load_model, load_tokenizer
+from l2a.prompts import policy_messages
+from l2a.reward import RubricJudge, score_responses
+from l2a.rollout import HFEngine, SamplingConfig, completion_logits, pack_completions
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class PeakMemory:
+    """Samples the resident set size every 5 ms in a thread; ``peak`` is the maximum seen in a phase."""
+
+    def __init__(self):
+        self.peak = 0.0
+        self._stop = threading.Event()
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_mb())
+            time.sleep(0.005)
+
+    def reset(self):
+        self.peak = rss_mb()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=EMBEDDED_DEFAULT)
+    parser.add_argument("--data", default=str(REPO / "data/synthetic/train.jsonl"))
+    parser.add_argument("--prompts", type=int, default=4, help="prompts per step")
+    parser.add_argument("--group-size", type=int, default=4)
+    parser.add_argument("--max-new-tokens", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=3, help="measured steps (plus one warm-up)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    tokenizer, model = load_tokenizer(args.model), load_model(args.model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    engine, judge = HFEngine(model, tokenizer), RubricJudge()
+    samples = load_samples(args.data)
+    memory = PeakMemory()
+    times: dict[str, list[float]] = {}
+    peaks: dict[str, float] = {}
+
+    @contextmanager
+    def phase(name: str, record: bool):
+        memory.reset()
+        start = time.perf_counter()
+        yield
+        if record:
+            times.setdefault(name, []).append(time.perf_counter() - start)
+            peaks[name] = max(peaks.get(name, 0.0), memory.peak)
+
+    tokens = []
+    for step in range(args.steps + 1):
+        record = step > 0
+        batch_samples = samples[step * args.prompts : (step + 1) * args.prompts]
+        with phase("generate", record):
+            completions = engine.generate([policy_messages(s["messages"]) for s in batch_samples], args.group_size,
+                                          SamplingConfig(max_new_tokens=args.max_new_tokens, seed=step))
+        with phase("judge+reward", record):
+            answered = [batch_samples[c.prompt_index] for c in completions]
+            rewards = torch.tensor([s.reward.total for s in score_responses(judge, answered, [c.text for c in completions])])
+            advantages = group_advantages(rewards, args.group_size)
+        batch = pack_completions(completions, tokenizer.pad_token_id)
+        with phase("forward (logprobs)", record):
+            logprobs = token_logprobs(completion_logits(model, batch), batch.completion_ids)
+            loss, _ = grpo_loss(logprobs, logprobs.detach(), advantages, batch.completion_mask)
+        with phase("backward", record):
+            loss.backward()
+        with phase("optimizer step", record):
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        if record:
+            tokens.append(sum(len(c.token_ids) for c in completions))
+
+    prompt_tokens = statistics.mean(len(c.prompt_ids) for c in completions)
+    print(f"# {args.model}: {args.prompts} prompts x {args.group_size} completions, <= {args.max_new_tokens} new tokens "
+          f"(mean {statistics.mean(tokens) / (args.prompts * args.group_size):.1f}), prompt ~{prompt_tokens:.0f} tokens, "
+          f"{args.threads} threads, median of {args.steps} steps")
+    total = 0.0
+    for name, values in times.items():
+        median = statistics.median(values)
+        total += median
+        print(f"{name:20s} {median:8.2f} s   peak RSS {peaks[name]:7.0f} MB")
+    print(f"{'step':20s} {total:8.2f} s   generation {statistics.mean(tokens) / statistics.median(times['generate']):.1f} tok/s")
+
+
+if __name__ == "__main__":
+    main()
