@@ -343,6 +343,22 @@ async def oracle_extractor(remaining: list[dict]) -> list[str]:
     return oracle_facts(remaining)
 
 
+def repair_incomplete_tail(path: Path) -> bool:
+    """Cut a last line that lacks its newline off a resumable JSONL file; True if there was one.
+
+    Resumable outputs append each record with its newline in one write and flush, so a line without one was
+    cut short by a kill mid-write. Removing it lets appending go on cleanly; its sample is simply redone.
+    """
+    data = path.read_bytes()
+    complete = data[: data.rfind(b"\n") + 1]
+    if len(complete) == len(data):
+        return False
+    log.warning("%s: removed an incomplete last line (interrupted write); that sample will be redone", path)
+    with path.open("r+b") as file:
+        file.truncate(len(complete))
+    return True
+
+
 def read_extractions(path: str | Path) -> dict[str, list[str] | None]:
     """Read an extraction file into cid -> info_set (None = failed); later records override earlier ones.
 
@@ -352,12 +368,7 @@ def read_extractions(path: str | Path) -> dict[str, list[str] | None]:
     path = Path(path)
     if not path.exists():
         return {}
-    data = path.read_bytes()
-    complete = data[: data.rfind(b"\n") + 1]
-    if len(complete) < len(data):
-        log.warning("%s: removed an incomplete last line (interrupted write); that sample will be redone", path)
-        with path.open("r+b") as file:
-            file.truncate(len(complete))
+    repair_incomplete_tail(path)
 
     def check(record: Any) -> str | None:
         problem = _field_problem(record, {"cid": (str, "a string"),

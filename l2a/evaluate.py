@@ -37,7 +37,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import openai  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from l2a.data import DataError, load_samples  # noqa: E402
+from l2a.data import DataError, load_samples, repair_incomplete_tail  # noqa: E402
 from l2a.prompts import policy_messages  # noqa: E402
 from l2a.reward import (  # noqa: E402
     DECISIONS, OpenAIJudge, RubricJudge, ScoredResponse, fuse, needs_grade, predicted_decision, score_responses,
@@ -75,35 +75,25 @@ class EvalError(Exception):
 def read_stage(path: Path, check: Callable[[dict], str | None]) -> dict[str, dict]:
     """cid -> record of a stage file; a later line for the same cid replaces an earlier one.
 
-    ``check(record)`` names what is wrong with a record, or returns None. A last line without its newline that
-    does not parse is the trace of an interrupted write: it is cut off the file (its sample is simply redone).
-    Any other bad line raises ``EvalError("path:line: ...")``.
+    ``check(record)`` names what is wrong with a record, or returns None. A last line without its newline is
+    the trace of an interrupted write: it is cut off the file (its sample is simply redone). Any other bad
+    line raises ``EvalError("path:line: ...")``.
     """
     if not path.exists():
         return {}
-    data = path.read_bytes()
-    lines = data.split(b"\n")  # the last item is b"" when the file ends with a newline
+    repair_incomplete_tail(path)
     records: dict[str, dict] = {}
-    for lineno, line in enumerate(lines, 1):
+    for lineno, line in enumerate(path.read_bytes().split(b"\n"), 1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            if lineno == len(lines):
-                log.warning("%s:%d: incomplete last line (interrupted run?) removed; its sample will be redone",
-                            path, lineno)
-                with open(path, "r+b") as f:
-                    f.truncate(len(data) - len(line))
-                return records
             raise EvalError(f"{path}:{lineno}: not valid JSON ({err}); fix or delete the line") from None
         problem = check(record) if isinstance(record, dict) else "expected a JSON object"
         if problem:
             raise EvalError(f"{path}:{lineno}: {problem}")
         records[record["cid"]] = record
-    if data and not data.endswith(b"\n"):  # complete last line, lost newline: terminate it before appending
-        with open(path, "ab") as f:
-            f.write(b"\n")
     return records
 
 
