@@ -125,13 +125,20 @@ def grpo_loss(
     num_tokens: int | float | None = None,
     max_len: int | None = None,
     num_seqs: int | None = None,
+    *,
+    token_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The clipped GRPO surrogate with an optional KL term, aggregated over tokens.
 
     Per token (``A_i`` broadcast over the tokens of completion i):
 
         ratio_it = exp(logp_it - logp_old_it)
-        l_it     = -min(ratio_it * A_i, clamp(ratio_it, 1 - clip_low, 1 + clip_high) * A_i) + kl_coef * KL_it
+        l_it     = -w_it * min(ratio_it * A_i, clamp(ratio_it, 1 - clip_low, 1 + clip_high) * A_i) + kl_coef * KL_it
+
+    ``w_it`` is ``token_weights`` (1 when None, detached if given): e.g. the truncated importance weight
+    ``min(exp(logp_old_it - logp_sampler_it), C)`` that corrects for tokens sampled by an engine (vLLM)
+    whose probabilities differ slightly from the trainer's (TRL's ``vllm_importance_sampling_correction``).
+    It weights the policy-gradient term only, not the KL term.
 
     Aggregation over the masked tokens (m_it = mask), side by side:
 
@@ -145,7 +152,7 @@ def grpo_loss(
     averaged across them). ``max_len`` defaults to this call's padded length T; pass the configured
     maximum completion length for Dr. GRPO.
 
-    Shapes: logprobs, old_logprobs, ref_logprobs, mask [B, T]; advantages [B].
+    Shapes: logprobs, old_logprobs, ref_logprobs, mask, token_weights [B, T]; advantages [B].
     Returns (loss, stats) where stats are detached scalars: ``clip_low_frac``, ``clip_high_frac``
     (fraction of tokens where the clip removed the gradient), ``ratio_mean``, ``kl_mean``.
     """
@@ -160,6 +167,8 @@ def grpo_loss(
     unclipped = ratio * adv
     clipped = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high) * adv
     per_token = -torch.minimum(unclipped, clipped)
+    if token_weights is not None:
+        per_token = per_token * token_weights.detach().to(per_token.dtype)
 
     kl = torch.zeros_like(per_token)
     if ref_logprobs is not None:

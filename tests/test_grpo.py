@@ -190,3 +190,20 @@ def test_micro_batches_with_global_counts_sum_to_the_full_batch(loss_agg):
 def test_unknown_aggregation_raises():
     with pytest.raises(ValueError, match="loss_agg"):
         grpo_loss(LOGP, OLD, ADV, MASK, loss_agg="sum")
+
+
+def test_token_weights_scale_the_policy_gradient_term_only():
+    """Per-token weights (truncated IS for vLLM rollouts) multiply -min(ratio*A, clip*A), not the KL term."""
+    weights = torch.tensor([[0.5, 2.0], [3.0, 7.0]], requires_grad=True)  # 7.0 sits on padding
+    ref = torch.log(torch.tensor([[1.0, 1.0], [2.2, 1.0]]))
+    logp = LOGP.clone().requires_grad_(True)
+    loss, _ = grpo_loss(logp, OLD, ADV, MASK, ref_logprobs=ref, kl_coef=0.1, kl_estimator="k1", token_weights=weights)
+    k1 = [math.log(1.5), math.log(0.5), math.log(0.5)]
+    assert loss.item() == pytest.approx((0.5 * -1.2 + 2.0 * -0.5 + 3.0 * 1.1 + 0.1 * sum(k1)) / 3)
+    loss.backward()
+    # clipped token: only the KL gradient 0.1/3; others: (-w * ratio * A + 0.1) / 3; padding: 0
+    expected = torch.tensor([[0.1 / 3, (-2.0 * 0.5 + 0.1) / 3], [(3.0 * 1.1 + 0.1) / 3, 0.0]])
+    assert torch.allclose(logp.grad, expected)
+    assert weights.grad is None  # the weights are constants of the loss
+    ones, _ = grpo_loss(LOGP, OLD, ADV, MASK, token_weights=torch.ones(2, 2))
+    assert ones.item() == pytest.approx(grpo_loss(LOGP, OLD, ADV, MASK)[0].item())

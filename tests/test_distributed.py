@@ -1,0 +1,258 @@
+"""N processes train like one: ``accelerate launch`` with two CPU processes against a single process.
+
+What runs (torch 2.13 CPU, accelerate 1.15, gloo):
+
+* **DDP**: ``configs/accelerate/cpu_2proc.yaml``; on a machine without GPUs accelerate wraps the model in
+  ``DistributedDataParallel`` (its MULTI_CPU mode).
+* **FSDP2**: the same launch, switched to FSDP2 by the worker below. accelerate 1.15 turns FSDP on only
+  for GPU process groups (``AcceleratorState`` checks for MULTI_GPU and friends), but torch's FSDP2
+  (``fully_shard``) itself runs on CPU over gloo. So the worker sets the accelerator's state to FSDP2
+  right after it is built, and train.py's FSDP2 paths run for real: policy and reference sharded as
+  DTensors, sharded optimizer state saved and resumed, weights gathered for checkpoints and for the
+  rollout engine. This run also turns on gradient checkpointing. FSDP1 is refused by train.py.
+
+Same batch: each process samples its own prompts with its own seed, so to compare updates the worker
+(and the single-process reference) replaces ``LocalPolicy.generate`` by ``seeded_by_prompt``, which
+samples each prompt with a seed from the prompt and the step, not from the process: the same step then
+has the same completions whether one process or two sample it. The grader is ChatStub (a test double
+for a remote LLM judge) with hash-based grades, so the advantages are not zero.
+
+Tolerance: the processes sum the same numbers in a different order, so the logged loss, gradient norm
+and statistics agree to RTOL, and the weights after two AdamW steps (lr 1e-2) to ATOL. (Adam ignores a
+constant factor on the loss, so a wrong gradient scale shows in the loss and gradient norm, not in the
+weights.) A resumed run equals an uninterrupted one exactly. The rollout engine (the trained module
+under DDP, a full replica under FSDP2) is checked against the gathered weights after every step.
+
+vLLM engines under ``accelerate launch`` run as their own processes and take ~60 s each to start on a
+2-core CPU, so the CI runs use the HF engine; the vLLM variant runs with L2A_SLOW_TESTS=1 (~2 min), and
+tests/test_train_vllm.py covers the vLLM weight sync in every CI run (one process).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from openai_stub import ChatStub
+from safetensors.torch import load_file
+from test_train import _grade, _sample
+from test_vllm_engine import needs_vllm
+
+import train
+from l2a.model import load_model
+from l2a.rollout import Completion, completion_logits, pack_completions
+from l2a.vllm_engine import full_state_dict_items
+
+REPO = Path(__file__).resolve().parents[1]
+RTOL = 1e-5  # logged numbers, 1 vs 2 processes (summation order)
+ATOL = 1e-4  # weights after two AdamW steps of ~1e-2 each (seen: 8e-6); a wrong batch moves them by ~1e-2
+COMPARED = ("reward", "reward_std", "frac_zero_std_groups", "loss", "grad_norm", "entropy", "kl_mean", "ratio_mean",
+            "completion_length", "stop_rate")
+
+
+def seeded_by_prompt(self, chats, n, sampling):
+    """Stands in for ``LocalPolicy.generate``: the completions of a prompt depend on the prompt and the
+    step only. (The loop's seed is ``base(step) + rank``; the rank is taken off again.)"""
+    step_seed = sampling.seed - self.accelerator.process_index
+    completions = []
+    for i, chat in enumerate(chats):
+        prompt_seed = int(hashlib.sha256(json.dumps(chat).encode()).hexdigest()[:8], 16)
+        for c in self.engine.generate([chat], n, replace(sampling, seed=step_seed + prompt_seed)):
+            completions.append(replace(c, prompt_index=i))
+    return completions
+
+
+def train_args(model_dir, data: Path, judge_url: str) -> list[str]:
+    return ["--model", str(model_dir), "--train_file", str(data), "--eval_file", str(data), "--eval_every", "0",
+            "--prompts_per_step", "4", "--group_size", "3", "--max_new_tokens", "6", "--learning_rate", "1e-2",
+            "--kl_coef", "0.05", "--judge", "openai", "--judge_url", judge_url]
+
+
+@pytest.fixture(scope="module")
+def reference_run(tiny_model_dir, tmp_path_factory):
+    """Training data, a grader for the whole module, and the single-process reference run (4 micro-batches of 3)."""
+    folder = tmp_path_factory.mktemp("distributed")
+    data = folder / "data.jsonl"
+    data.write_text("".join(json.dumps(_sample(i, "stop" if i % 3 == 0 else "continue")) + "\n" for i in range(12)))
+    with ChatStub(_grade) as stub, pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OPENAI_API_KEY", "test")
+        args = train_args(tiny_model_dir, data, stub.base_url)
+        reference = folder / "one-process"
+        run_single(args + ["--output_dir", str(reference), "--steps", "2", "--micro_batch_size", "3"])
+        yield args, reference, folder
+
+
+def run_single(argv: list[str]) -> None:
+    """train.main in this process, sampling like the workers; one thread, like each worker process
+    (faster on a busy 2-core machine, where two threads mostly wait for each other)."""
+    original, threads = train.LocalPolicy.generate, torch.get_num_threads()
+    train.LocalPolicy.generate = seeded_by_prompt
+    torch.set_num_threads(1)
+    try:
+        train.main(argv)
+    finally:
+        train.LocalPolicy.generate = original
+        torch.set_num_threads(threads)
+
+
+def launch(mode: str, out: Path, args: list[str], resume: bool) -> None:
+    """Two processes running ``worker`` below."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(REPO / "configs/accelerate/cpu_2proc.yaml"), "--main_process_port", str(free_port()),
+               __file__, mode, str(out), "resume" if resume else "once", *args]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OPENAI_API_KEY": "test"}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    assert (out / f"ran-{mode}").exists()  # the worker checked it really ran this mode (see below)
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(run: Path, step: int) -> dict[str, torch.Tensor]:
+    return load_file(run / "checkpoints" / f"step-{step:06d}" / "model.safetensors")
+
+
+def assert_same_run(run: Path, reference: Path, rtol: float = RTOL, atol: float = ATOL) -> None:
+    rows, expected = metrics(run), metrics(reference)
+    assert [r["step"] for r in rows] == [r["step"] for r in expected] == [1, 2]
+    for row, want in zip(rows, expected):
+        for key in COMPARED:
+            assert row[key] == pytest.approx(want[key], rel=rtol, abs=1e-7), (row["step"], key)
+    got, want = weights(run, 2), weights(reference, 2)
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=atol, msg=name)
+
+
+def assert_same_optimizer_state(run: Path, reference: Path) -> None:
+    """trainer_state.pt holds ``optimizer.state_dict()`` as one process writes it, whatever the sharding."""
+    got, want = (torch.load(r / "checkpoints" / "step-000002" / "trainer_state.pt") for r in (run, reference))
+    assert (got["step"], got["skipped_steps"]) == (want["step"], want["skipped_steps"]) == (2, 0)
+    got, want = got["optimizer"], want["optimizer"]
+    assert got["param_groups"] == want["param_groups"] and got["state"].keys() == want["state"].keys()
+    for position, state in want["state"].items():
+        assert got["state"][position]["step"] == state["step"]
+        # Adam's moments: the second is ~g^2, tiny, hence the small absolute tolerance.
+        torch.testing.assert_close(got["state"][position]["exp_avg"], state["exp_avg"], rtol=1e-3, atol=1e-6)
+        torch.testing.assert_close(got["state"][position]["exp_avg_sq"], state["exp_avg_sq"], rtol=1e-3, atol=1e-10)
+
+
+def test_micro_batches_and_gradient_checkpointing_do_not_change_the_update(reference_run):
+    args, reference, folder = reference_run
+    run_single(args + ["--output_dir", str(folder / "one-micro-batch"), "--steps", "2", "--micro_batch_size", "12"])
+    assert_same_run(folder / "one-micro-batch", reference)
+    run_single(args + ["--output_dir", str(folder / "checkpointing"), "--steps", "2", "--micro_batch_size", "3",
+                       "--gradient_checkpointing", "true"])
+    assert_same_run(folder / "checkpointing", reference)
+
+
+def test_full_sequence_logits_equal_the_shared_prompt_logits(tiny_model_dir):
+    model = load_model(str(tiny_model_dir))
+    completions = [Completion(0, [5, 6, 7], [8, 9, 10, 2], "", "stop"), Completion(0, [5, 6, 7], [11], "", "stop"),
+                   Completion(1, [12, 13], [14, 15], "", "length")]
+    batch = pack_completions(completions, pad_id=2)
+    with torch.no_grad():
+        torch.testing.assert_close(train.full_sequence_logits(model, batch), completion_logits(model, batch),
+                                   rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_two_processes_update_like_one_and_resume_exactly(mode, reference_run):
+    args, reference, folder = reference_run
+    out = folder / mode
+    extra = ["--gradient_checkpointing", "true"] if mode == "fsdp2" else []
+    launch(mode, out, [*args, "--micro_batch_size", "3", *extra], resume=True)
+
+    assert_same_run(out / "full", reference)
+    assert_same_optimizer_state(out / "full", reference)
+    # Stopped after step 1 and resumed: the same weights and numbers as the uninterrupted run, exactly.
+    strip = lambda row: {k: v for k, v in row.items() if not k.startswith("time/") and k != "tokens_per_second"}  # noqa: E731
+    assert [strip(r) for r in metrics(out / "cut")] == [strip(r) for r in metrics(out / "full")]
+    for name, tensor in weights(out / "full", 2).items():
+        assert torch.equal(weights(out / "cut", 2)[name], tensor), name
+
+
+@needs_vllm
+@pytest.mark.skipif(os.environ.get("L2A_SLOW_TESTS") != "1", reason="two vLLM engines start in ~60 s each on a "
+                    "2-core CPU; L2A_SLOW_TESTS=1 runs this")
+def test_two_processes_with_vllm_engines_update_like_one(reference_run):
+    """Each process samples with its own (multi-process) vLLM engine, synced through /dev/shm after every
+    step: the same run as one process with one in-process engine."""
+    args, _, folder = reference_run
+    vllm = ["--micro_batch_size", "3", "--rollout_engine", "vllm", "--vllm_kv_cache_gb", "0.03125"]
+    run_single([*args, *vllm, "--output_dir", str(folder / "one-process-vllm"), "--steps", "2"])
+    launch("ddp", folder / "ddp-vllm", [*args, *vllm], resume=False)
+    assert_same_run(folder / "ddp-vllm" / "full", folder / "one-process-vllm")
+    for row in metrics(folder / "ddp-vllm" / "full"):  # step 2 sampled right after a sync
+        assert row["sampler_logprob_diff_max"] < 1e-4 and row["time/sync"] > 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --------------------------------------------------------------------------------------------------
+# The worker: `accelerate launch tests/test_distributed.py MODE OUT_DIR resume|once TRAIN_ARGS...` trains
+# OUT/full (2 steps); with "resume" then also OUT/cut (1 step) and OUT/cut resumed to 2 steps, in the
+# same processes.
+# --------------------------------------------------------------------------------------------------
+
+
+def worker(mode: str, out: Path, resume: bool, args: list[str]) -> None:
+    from accelerate import Accelerator, FullyShardedDataParallelPlugin, PartialState
+    from accelerate.utils import DistributedType
+    from torch.distributed.tensor import DTensor
+    from torch.nn.parallel import DistributedDataParallel
+
+    def make_accelerator(*a, **kw) -> Accelerator:
+        accelerator = Accelerator(*a, **kw)
+        if mode == "fsdp2":  # see the module docstring: accelerate enables FSDP on GPU groups only
+            accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin(
+                fsdp_version=2, auto_wrap_policy="transformer_based_wrap", state_dict_type="FULL_STATE_DICT")
+            # Both shared states, as AcceleratorState.__init__ does on GPUs (it is re-read from PartialState).
+            accelerator.state.distributed_type = PartialState().distributed_type = DistributedType.FSDP
+        # end_training destroys the process group, and this launch trains three times in a row.
+        accelerator.end_training = lambda: None
+        return accelerator
+
+    real_update = train.LocalPolicy.update
+
+    def update(self, completions, advantages):
+        if mode == "ddp":
+            assert isinstance(self.model, DistributedDataParallel) and self.replica is None
+        else:
+            assert all(isinstance(t, DTensor) for t in self.model.state_dict().values())
+            # sharded like the policy, not a full copy (state_dict(): parameters can be unsharded between passes)
+            assert all(isinstance(t, DTensor) for t in self.reference.state_dict().values())
+        metrics = real_update(self, completions, advantages)
+        if self.cfg.rollout_engine == "hf":
+            # The engine samples the next step with exactly the trained weights (gathering is a collective).
+            engine_state = self.engine.model.state_dict()
+            for name, tensor in full_state_dict_items(self.model):
+                assert torch.equal(engine_state[name], tensor), name
+        return metrics
+
+    train.Accelerator = make_accelerator
+    train.LocalPolicy.generate = seeded_by_prompt
+    train.LocalPolicy.update = update
+    train.main([*args, "--output_dir", str(out / "full"), "--steps", "2", "--save_every", "1"])
+    if resume:
+        train.main([*args, "--output_dir", str(out / "cut"), "--steps", "1"])
+        train.main([*args, "--output_dir", str(out / "cut"), "--steps", "2", "--resume", "true"])
+    (out / f"ran-{mode}").touch()
+
+
+if __name__ == "__main__":
+    worker(sys.argv[1], Path(sys.argv[2]), sys.argv[3] == "resume", sys.argv[4:])

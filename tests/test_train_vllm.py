@@ -1,0 +1,90 @@
+"""train.py with ``rollout_engine: vllm``: the colocated engine samples with the weights just trained.
+
+One run of ``train.main`` on the tiny model, with the in-process vLLM engine (~4 s to start). A spy
+wraps ``LocalPolicy.update`` (a test-only seam: it calls the real method and looks at the policy
+afterwards; train.py knows nothing of it). At every step it checks that after the update, whose
+last act is the weight sync, the engine's greedy tokens equal the trainer's and its log-probabilities
+match the trainer's within ATOL, and that without the sync they would not: the completions the engine
+gave just before the step are far from what the trained model now says. The grader is ChatStub, a test
+double for a remote LLM judge, with hash-based grades so the advantages are not zero.
+"""
+
+import contextlib
+import json
+
+import pytest
+import torch
+from openai_stub import ChatStub
+from test_train import _grade, _sample
+from test_vllm_engine import ATOL, max_logprob_gap, needs_vllm, trainer_logprobs
+
+import train
+from l2a.prompts import policy_messages
+from l2a.rollout import HFEngine, SamplingConfig
+
+GREEDY = SamplingConfig(temperature=0.0, max_new_tokens=12)
+
+
+@pytest.fixture
+def one_thread():
+    """The tiny model trains faster on one thread on a busy 2-core machine (two mostly wait for each other)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@needs_vllm
+def test_engine_is_synced_after_every_step(tiny_model_dir, tmp_path, monkeypatch, one_thread):
+    monkeypatch.setenv("OPENAI_API_KEY", "test")
+    samples = [_sample(i, "stop" if i % 3 == 0 else "continue") for i in range(8)]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(s) + "\n" for s in samples))
+    chats = [policy_messages(s["messages"], "Ra+Rs") for s in samples[:3]]
+
+    checked_steps, engines = [], []
+    real_update, real_make_engine = train.LocalPolicy.update, train.LocalPolicy.make_engine
+
+    def make_engine(self, path):
+        engines.append(real_make_engine(self, path))
+        return engines[-1]
+
+    def update(self, completions, advantages):
+        before = self.engine.generate(chats, 1, GREEDY)
+        metrics = real_update(self, completions, advantages)  # optimizer step, then weight sync
+        model, pad = self.accelerator.unwrap_model(self.model), self.tokenizer.pad_token_id
+        after = self.engine.generate(chats, 1, GREEDY)
+        hf = HFEngine(model, self.tokenizer).generate(chats, 1, GREEDY)
+        assert [c.token_ids for c in after] == [c.token_ids for c in hf]
+        assert max_logprob_gap(after, trainer_logprobs(model, after, 1.0, pad)) < ATOL
+        assert max_logprob_gap(before, trainer_logprobs(model, before, 1.0, pad)) > 1e-2  # stale without the sync
+        checked_steps.append(metrics["time/sync"])
+        return metrics
+
+    monkeypatch.setattr(train.LocalPolicy, "make_engine", make_engine)
+    monkeypatch.setattr(train.LocalPolicy, "update", update)
+    out = tmp_path / "run"
+    with ChatStub(_grade) as stub:
+        try:  # train.main closes the engine at the end; after a failure, close it here
+            train.main([
+                "--model", str(tiny_model_dir), "--train_file", str(data), "--eval_file", str(data),
+                "--output_dir", str(out), "--steps", "3", "--eval_every", "0", "--prompts_per_step", "2",
+                "--group_size", "3", "--max_new_tokens", "6", "--micro_batch_size", "3", "--learning_rate", "1e-2",
+                "--judge", "openai", "--judge_url", stub.base_url, "--rollout_engine", "vllm",
+                "--vllm_kv_cache_gb", "0.03125", "--vllm_is_correction", "true",
+            ])
+        except BaseException:
+            for engine in engines:  # in-process: frees the torch.distributed group vLLM made in this process
+                with contextlib.suppress(Exception):
+                    engine.close()
+            raise
+
+    assert len(checked_steps) == 3 and all(seconds > 0 for seconds in checked_steps)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        # Every step's rollouts (steps 2 and 3: right after a sync) agree with the trainer token by token,
+        # so the truncated importance weights are 1.
+        assert r["sampler_logprob_diff_max"] < ATOL and r["sampler_logprob_diff"] < ATOL
+        assert r["is_weight_mean"] == pytest.approx(1.0, abs=ATOL)
+        assert r["time/sync"] > 0 and r["grad_norm"] > 0
