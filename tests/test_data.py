@@ -500,11 +500,12 @@ def test_cli_interrupted_run_loses_nothing(tmp_path, signal_number, monkeypatch)
         process = subprocess.Popen(args + ["--base-url", stub.base_url], cwd=REPO, env=env, text=True,
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         extracted = out / "extracted_train.jsonl"
-        deadline = time.time() + 15
+        deadline = time.time() + 120  # generous: on a loaded 2-core machine the start-up alone can take a while
         while time.time() < deadline and (not extracted.exists() or extracted.read_text().count('"info_set": ["') < 3):
             time.sleep(0.05)
+        assert extracted.exists(), "the extraction never started"
         process.send_signal(signal_number)
-        _, stderr = process.communicate(timeout=30)
+        _, stderr = process.communicate(timeout=120)
     if signal_number == signal.SIGINT:
         assert process.returncode == 130 and "interrupted" in stderr and "Traceback" not in stderr
     else:
