@@ -1,7 +1,7 @@
 """Learn-to-Ask with GRPO: the whole training loop, top to bottom.
 
     python train.py                                   # embedded default: SmolLM2-135M, synthetic data, CPU
-    python train.py --config configs/tiny_cpu.yaml --steps 5
+    python train.py --config configs/default_cpu.yaml --steps 5   # a preset, with a flag on top
     python train.py --rollout_engine vllm             # rollouts from a colocated vLLM engine, synced every step
     accelerate launch --config_file configs/accelerate/fsdp_8gpu.yaml train.py --config configs/qwen2.5-7b_8gpu.yaml
 
