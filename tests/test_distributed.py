@@ -24,8 +24,8 @@ weights.) A resumed run equals an uninterrupted one exactly. The rollout engine 
 under DDP, a full replica under FSDP2) is checked against the gathered weights after every step.
 
 vLLM engines under ``accelerate launch`` run as their own processes and take ~60 s each to start on a
-2-core CPU, so the CI runs use the HF engine; the vLLM variant runs with L2A_SLOW_TESTS=1 (~2 min), and
-tests/test_train_vllm.py covers the vLLM weight sync in every CI run (one process).
+2-core CPU, so most tests here use the HF engine; one test runs the two processes with vLLM engines
+(~2 min), and tests/test_train_vllm.py covers the vLLM weight sync with one process.
 """
 
 from __future__ import annotations
@@ -183,8 +183,7 @@ def test_two_processes_update_like_one_and_resume_exactly(mode, reference_run):
 
 
 @needs_vllm
-@pytest.mark.skipif(os.environ.get("L2A_SLOW_TESTS") != "1", reason="two vLLM engines start in ~60 s each on a "
-                    "2-core CPU; L2A_SLOW_TESTS=1 runs this")
+@pytest.mark.slow
 def test_two_processes_with_vllm_engines_update_like_one(reference_run):
     """Each process samples with its own (multi-process) vLLM engine, synced through /dev/shm after every
     step: the same run as one process with one in-process engine."""
