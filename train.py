@@ -517,6 +517,13 @@ def trainer_state(checkpoint: Path) -> dict:
     return torch.load(checkpoint / "trainer_state.pt", weights_only=False)
 
 
+def resume_position(checkpoint: Path) -> tuple[int, int]:
+    """(step, skipped_steps) of a checkpoint. The file also holds the optimizer state (twice the model's
+    size); memory-mapping it reads only these two numbers, and nothing stays loaded for the whole run."""
+    state = torch.load(checkpoint / "trainer_state.pt", weights_only=False, mmap=True)
+    return state["step"], state["skipped_steps"]
+
+
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(sys.argv[1:] if argv is None else argv)
     # Without GPUs, `accelerate launch` runs CPU processes that talk over gloo (DDP).
@@ -534,8 +541,7 @@ def main(argv: list[str] | None = None) -> None:
 
     start_step, skipped_steps, resume_from = 0, 0, None
     if cfg.resume and (resume_from := latest_checkpoint(cfg)) is not None:
-        state = trainer_state(resume_from)
-        start_step, skipped_steps = state["step"], state["skipped_steps"]
+        start_step, skipped_steps = resume_position(resume_from)
         accelerator.print(f"resuming from {resume_from} (step {start_step})")
     if cfg.backend == "local":
         policy = LocalPolicy(cfg, accelerator, resume_from)
