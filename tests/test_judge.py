@@ -59,13 +59,15 @@ def test_openai_judge_sends_the_grader_prompt_and_keeps_order(monkeypatch):
     assert [g.think for g in grades] == [f"doctor: {r}" for r in responses]
     assert all((g.format_score, g.content_score) == (1.0, 0.5) for g in grades)
     assert (judge.requests, judge.failures) == (3, 0)
-    body = stub.requests[0]
-    assert (body["model"], body["temperature"], body["max_tokens"]) == ("grader", 0.3, 77)
-    system, user = body["messages"]
-    assert system["role"] == "system" and INFO in system["content"] and "<format_score>" in system["content"]
-    assert user["role"] == "user"
-    assert user["content"].startswith("doctor: Hello, how can I help?\npatient: I have had a headache")
-    assert user["content"].endswith("\ndoctor: Where does it hurt?")
+    # Requests run concurrently, so the server may see them in any order: match each by its last line.
+    graded_last_lines = sorted(body["messages"][1]["content"].splitlines()[-1] for body in stub.requests)
+    assert graded_last_lines == sorted(f"doctor: {r}" for r in responses)
+    for body in stub.requests:
+        assert (body["model"], body["temperature"], body["max_tokens"]) == ("grader", 0.3, 77)
+        system, user = body["messages"]
+        assert system["role"] == "system" and INFO in system["content"] and "<format_score>" in system["content"]
+        assert user["role"] == "user"
+        assert user["content"].startswith("doctor: Hello, how can I help?\npatient: I have had a headache")
 
 
 def test_openai_judge_retries_unreadable_answers():
