@@ -1,0 +1,485 @@
+"""l2a against Hugging Face TRL's GRPOTrainer: the same objective, then seconds and memory per phase.
+
+    pip install -r requirements-bench.txt       # TRL, pinned; only this benchmark needs it
+    python bench/vs_trl.py                      # embedded default, token-mean <-> dapo, 3 rounds x 2 steps
+    python bench/vs_trl.py --loss-agg seq-mean-token-mean --kl-coef 0.04 --rounds 2
+
+Both trainers get the same settings: the embedded default model (fp32), the same prompts in the same
+order (train.py's data order), ``group_size`` completions of at most ``max_new_tokens`` tokens at
+temperature 1, the same reward (``l2a.reward`` with the offline rubric judge), AdamW at a constant
+learning rate, gradient clipping at 1, one optimizer step per batch, and the matching loss:
+
+    l2a loss_agg               TRL loss_type        l2a kl_coef (k3)    TRL beta
+    token-mean                 dapo
+    seq-mean-token-mean        grpo
+    seq-mean-token-sum-norm    dr_grpo
+
+1. Parity. On one fixed batch (completions sampled once, the same rewards), each trainer computes its
+   loss and gradients from the same initial weights; the script prints the differences and fails
+   if they exceed the tolerances below. Advantages use TRL's epsilon (1e-4) on both sides here.
+2. Speed and memory. Each trainer runs in its own process; the parent alternates them (A B A B ...),
+   ``--steps-per-round`` steps at a time, so a change in machine load hits both alike. Phases:
+   generate (chat template, sampling, decoding), reward (judge, reward, advantages), logprobs (the
+   forward passes and the loss), backward+step (backward, clipping, optimizer step), other (the rest).
+   Reported: the median seconds per step, the peak resident memory of the process during the phase
+   (sampled every 2 ms), and the ratio l2a/TRL. The first step of each trainer is a warm-up, not counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run as a script from anywhere
+
+LOSS_TYPES = {"token-mean": "dapo", "seq-mean-token-mean": "grpo", "seq-mean-token-sum-norm": "dr_grpo"}
+PHASES = ("generate", "reward", "logprobs", "backward+step", "other", "step")
+TRL_ADVANTAGE_EPS = 1e-4  # TRL divides by (std + 1e-4); l2a's default is 1e-6
+LOSS_TOLERANCE = 1e-5  # absolute, on losses of order 1
+GRAD_TOLERANCE = 1e-4  # relative L2 error of the whole gradient vector
+
+
+@dataclass
+class Settings:
+    model: str
+    train_file: str
+    prompts: int
+    group_size: int
+    max_new_tokens: int
+    learning_rate: float
+    loss_agg: str
+    kl_coef: float
+    seed: int
+    threads: int
+    total_steps: int
+
+
+# --------------------------------------------------------------------------------------------------
+# Measuring: phase intervals on a clock, resident memory sampled in a thread.
+# --------------------------------------------------------------------------------------------------
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+class Timeline:
+    """Named time intervals of the current step, and the process's resident memory over time."""
+
+    def __init__(self):
+        self.spans: list[tuple[str, float, float]] = []
+        self.memory: list[tuple[float, float]] = []
+        self._recording = threading.Event()
+        threading.Thread(target=self._sample, daemon=True).start()
+
+    def _sample(self):
+        while True:
+            self._recording.wait()
+            self.memory.append((time.perf_counter(), rss_mb()))
+            time.sleep(0.002)
+
+    def start_step(self) -> float:
+        self.spans.clear()
+        self.memory.clear()
+        self.memory.append((time.perf_counter(), rss_mb()))
+        self._recording.set()
+        return time.perf_counter()
+
+    def end_step(self) -> None:
+        self._recording.clear()
+        self.memory.append((time.perf_counter(), rss_mb()))
+
+    @contextmanager
+    def span(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.spans.append((name, start, time.perf_counter()))
+
+    def peak(self, intervals: list[tuple[float, float]]) -> float:
+        inside = [mb for t, mb in list(self.memory) if any(a <= t <= b for a, b in intervals)]
+        return max(inside, default=float("nan"))
+
+    def record(self, phases: dict[str, list[tuple[float, float]]], tokens: int) -> dict:
+        """Seconds and peak MB of each phase (a list of intervals) in this step."""
+        result = {"tokens": tokens}
+        for name, intervals in phases.items():
+            result[name] = {"seconds": sum(b - a for a, b in intervals), "peak_mb": self.peak(intervals)}
+        return result
+
+
+def step_record(timeline: Timeline, step_start: float, step_end: float, generate, reward, logprobs, backward, tokens):
+    phases = {"generate": generate, "reward": reward, "logprobs": logprobs, "backward+step": backward,
+              "step": [(step_start, step_end)]}
+    record = timeline.record(phases, tokens)
+    measured = sum(record[p]["seconds"] for p in ("generate", "reward", "logprobs", "backward+step"))
+    record["other"] = {"seconds": (step_end - step_start) - measured, "peak_mb": record["step"]["peak_mb"]}
+    return record
+
+
+# --------------------------------------------------------------------------------------------------
+# The l2a worker: train.py's own LocalPolicy and the loop body of train.main.
+# --------------------------------------------------------------------------------------------------
+
+
+def l2a_worker(conn, settings: Settings) -> None:
+    import torch
+    from accelerate import Accelerator
+
+    import train
+    from l2a.data import load_samples
+    from l2a.grpo import group_advantages
+    from l2a.prompts import policy_messages
+    from l2a.rollout import SamplingConfig
+
+    torch.set_num_threads(settings.threads)
+    cfg = train.Config(model=settings.model, train_file=settings.train_file, prompts_per_step=settings.prompts,
+                       group_size=settings.group_size, max_new_tokens=settings.max_new_tokens,
+                       learning_rate=settings.learning_rate, loss_agg=settings.loss_agg, kl_coef=settings.kl_coef,
+                       micro_batch_size=settings.prompts * settings.group_size, seed=settings.seed, eval_every=0)
+    train.set_seed(cfg.seed)
+    samples = load_samples(cfg.train_file)
+    judge = train.make_judge(cfg)
+    policy = train.LocalPolicy(cfg, Accelerator(cpu=True), None)
+    timeline = Timeline()
+    conn.send(("ready", rss_mb()))
+
+    def rollouts(step: int, seed: int):
+        batch = [samples[i] for i in train.prompts_for_step(len(samples), step, cfg.prompts_per_step, cfg.seed)]
+        sampling = SamplingConfig(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
+                                  seed=seed)
+        return batch, policy.generate([policy_messages(s["messages"]) for s in batch], cfg.group_size, sampling)
+
+    # ---- parity: loss and gradients on a fixed batch, from the initial weights, no optimizer step ----
+    command, path = conn.recv()
+    assert command == "parity"
+    batch, completions = rollouts(0, seed=12345)
+    rewards = torch.tensor([r.total for r in train.score(judge, batch, completions, cfg)])
+    advantages = group_advantages(rewards, cfg.group_size, eps=TRL_ADVANTAGE_EPS)
+    num_tokens = sum(len(c.token_ids) for c in completions)
+    loss, _, _ = policy.micro_batch_loss(completions, advantages, num_tokens)
+    loss.backward()
+    save_gradients(policy.model, path)
+    policy.optimizer.zero_grad(set_to_none=True)
+    fixed = {"cids": [batch[c.prompt_index]["cid"] for c in completions],
+             "prompt_ids": [c.prompt_ids for c in completions], "completion_ids": [c.token_ids for c in completions],
+             "rewards": rewards.tolist()}
+    conn.send(("parity", {"loss": loss.item(), "advantages": advantages.tolist(), "batch": fixed}))
+
+    # ---- timed steps, a block at a time when the parent says so -------------------------------------
+    micro_batch_loss = policy.micro_batch_loss
+
+    def timed_micro_batch_loss(*args, **kwargs):
+        with timeline.span("logprobs"):
+            return micro_batch_loss(*args, **kwargs)
+
+    policy.micro_batch_loss = timed_micro_batch_loss
+    step = 0
+    while (message := conn.recv())[0] == "steps":
+        records = []
+        for _ in range(message[1]):
+            start = timeline.start_step()
+            with timeline.span("generate"):
+                batch, completions = rollouts(step, seed=cfg.seed * 1_000_003 + step * 1_009)
+            with timeline.span("reward"):
+                rewards = train.score(judge, batch, completions, cfg)
+                advantages = group_advantages(torch.tensor([r.total for r in rewards]), cfg.group_size)
+            with timeline.span("update"):
+                policy.update(completions, advantages)
+            end = time.perf_counter()
+            timeline.end_step()
+            spans = {name: [(a, b) for n, a, b in timeline.spans if n == name] for name, _, _ in timeline.spans}
+            backward = [(spans["logprobs"][-1][1], spans["update"][0][1])]  # after the last loss: backward + step
+            records.append(step_record(timeline, start, end, spans["generate"], spans["reward"], spans["logprobs"],
+                                       backward, sum(len(c.token_ids) for c in completions)))
+            step += 1
+        conn.send(("records", records))
+    conn.send(("bye", None))
+
+
+def save_gradients(model, path: str) -> None:
+    from safetensors.torch import save_file
+
+    save_file({name: p.grad.detach().contiguous() for name, p in model.named_parameters() if p.grad is not None}, path)
+
+
+# --------------------------------------------------------------------------------------------------
+# The TRL worker: GRPOTrainer.train(), paused between blocks by a callback.
+# --------------------------------------------------------------------------------------------------
+
+
+def trl_worker(conn, settings: Settings) -> None:
+    import torch
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    import train
+    from l2a.data import load_samples
+    from l2a.model import load_model, load_tokenizer
+    from l2a.prompts import policy_messages
+    from l2a.reward import RubricJudge, score_responses
+
+    torch.set_num_threads(settings.threads)
+    samples = load_samples(settings.train_file)
+    by_cid = {s["cid"]: s for s in samples}
+    # The prompts of every step in train.py's order; TRL reads them in order (shuffle_dataset=False).
+    order = [i for step in range(settings.total_steps)
+             for i in train.prompts_for_step(len(samples), step, settings.prompts, settings.seed)]
+    dataset = Dataset.from_list([{"prompt": policy_messages(samples[i]["messages"]), "cid": samples[i]["cid"]}
+                                 for i in order])
+    judge = RubricJudge()
+
+    def l2a_reward(prompts, completions, cid, **kwargs) -> list[float]:
+        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        return [s.reward.total for s in score_responses(judge, [by_cid[c] for c in cid], texts)]
+
+    args = GRPOConfig(
+        output_dir=tempfile.mkdtemp(prefix="vs_trl_"), use_cpu=True, bf16=False, seed=settings.seed,
+        per_device_train_batch_size=settings.prompts * settings.group_size, num_generations=settings.group_size,
+        gradient_accumulation_steps=1, max_completion_length=settings.max_new_tokens, temperature=1.0, top_p=1.0,
+        learning_rate=settings.learning_rate, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0,
+        loss_type=LOSS_TYPES[settings.loss_agg], beta=settings.kl_coef, epsilon=0.2,
+        gradient_checkpointing=False,  # l2a's default too; TRL's default is True (less memory, slower)
+        shuffle_dataset=False, max_steps=settings.total_steps, logging_steps=10**9, save_strategy="no",
+        report_to=[], disable_tqdm=True,
+    )
+    timeline = Timeline()
+    trainer = GRPOTrainer(model=load_model(settings.model), reward_funcs=[l2a_reward], args=args,
+                          train_dataset=dataset, processing_class=load_tokenizer(settings.model))
+    conn.send(("ready", rss_mb()))
+
+    # ---- parity: the fixed batch through TRL's own loss --------------------------------------------
+    command, (path, fixed) = conn.recv()
+    assert command == "parity"
+    result = trl_parity(trainer, fixed, by_cid)
+    save_gradients(trainer.model, path)
+    trainer.model.zero_grad(set_to_none=True)
+    conn.send(("parity", result))
+
+    # ---- timed steps: wrap the methods GRPOTrainer calls, pause at the parent's pace --------------
+    def wrap(name: str, span: str):
+        method = getattr(trainer, name)
+
+        def timed(*args, **kwargs):
+            with timeline.span(span):
+                return method(*args, **kwargs)
+
+        setattr(trainer, name, timed)
+
+    wrap("_generate", "generate")
+    wrap("_calculate_rewards", "reward")
+    wrap("compute_loss", "loss")
+    wrap("_get_per_token_logps_and_entropies", "forward")
+
+    class Pace(TrainerCallback):
+        def __init__(self):
+            self.left, self.records, self.start = 0, [], 0.0
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if self.left == 0:
+                if self.records:
+                    conn.send(("records", self.records))
+                message = conn.recv()
+                assert message[0] == "steps", message
+                self.left, self.records = message[1], []
+            self.start = timeline.start_step()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            end = time.perf_counter()
+            timeline.end_step()
+            spans = timeline.spans
+            loss = [(a, b) for n, a, b in spans if n == "loss"]
+            # forward passes outside compute_loss: the reference (beta > 0) and old log-probs, if any
+            extra = [(a, b) for n, a, b in spans if n == "forward" and not any(x <= a <= y for x, y in loss)]
+            completion_lengths = trainer._metrics["train"]["completions/mean_length"][-1:]
+            tokens = round(completion_lengths[0] * settings.prompts * settings.group_size) if completion_lengths else 0
+            self.records.append(step_record(
+                timeline, self.start, end, [(a, b) for n, a, b in spans if n == "generate"],
+                [(a, b) for n, a, b in spans if n == "reward"], loss + extra, [(loss[-1][1], end)], tokens))
+            self.left -= 1
+
+    pace = Pace()
+    trainer.add_callback(pace)
+    trainer.train()
+    conn.send(("records", pace.records))
+    conn.recv()
+    conn.send(("bye", None))
+
+
+def trl_parity(trainer, fixed: dict, by_cid: dict) -> dict:
+    """TRL's loss and gradients on l2a's fixed batch, through ``GRPOTrainer._compute_loss``.
+
+    The inputs are built like ``_generate_and_score_completions`` builds them: left-padded prompts,
+    right-padded completions, TRL's group advantages from the same rewards, the token count, and the
+    reference log-probabilities when beta > 0.
+    """
+    import torch
+    from trl.trainer.utils import pad
+
+    from l2a.prompts import policy_messages
+
+    # The same prompt tokens from TRL's own chat templating as from l2a's.
+    prompts = [policy_messages(by_cid[c]["messages"]) for c in fixed["cids"]]
+    trl_prompt_ids = trainer._tokenize_prompts(prompts)[0]
+    same_prompts = [list(a) for a in trl_prompt_ids] == fixed["prompt_ids"]
+    pad_id = trainer.processing_class.pad_token_id
+    prompt_ids = pad([torch.tensor(p) for p in fixed["prompt_ids"]], padding_value=pad_id, padding_side="left")
+    prompt_mask = pad([torch.ones(len(p), dtype=torch.long) for p in fixed["prompt_ids"]], padding_value=0,
+                      padding_side="left")
+    completion_ids = pad([torch.tensor(c) for c in fixed["completion_ids"]], padding_value=pad_id,
+                         padding_side="right")
+    completion_mask = pad([torch.ones(len(c), dtype=torch.long) for c in fixed["completion_ids"]], padding_value=0,
+                          padding_side="right")
+    rewards = torch.tensor(fixed["rewards"])
+    grouped = rewards.view(-1, trainer.num_generations)
+    advantages = ((grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, keepdim=True) + TRL_ADVANTAGE_EPS)).view(-1)
+    inputs = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": completion_ids,
+              "completion_mask": completion_mask, "advantages": advantages,
+              "num_items_in_batch": completion_mask.sum()}
+    if trainer.beta != 0.0:
+        with torch.no_grad():
+            inputs["ref_per_token_logps"] = trainer._get_per_token_logps_and_entropies(
+                trainer.ref_model, torch.cat([prompt_ids, completion_ids], 1),
+                torch.cat([prompt_mask, completion_mask], 1), completion_ids.shape[1])[0]
+    trainer.current_gradient_accumulation_steps = 1
+    trainer.model.train()
+    loss = trainer._compute_loss(trainer.model, inputs)
+    loss.backward()
+    return {"loss": loss.item(), "advantages": advantages.tolist(), "same_prompt_tokens": same_prompts}
+
+
+# --------------------------------------------------------------------------------------------------
+# The parent: parity, then alternating blocks, then the table.
+# --------------------------------------------------------------------------------------------------
+
+
+def compare_gradients(path_a: str, path_b: str) -> dict:
+    from safetensors.torch import load_file
+
+    a, b = load_file(path_a), load_file(path_b)
+    if set(a) != set(b):
+        return {"error": f"different parameters: {sorted(set(a) ^ set(b))[:5]}"}
+    diff2 = sum(float((a[k].double() - b[k].double()).pow(2).sum()) for k in a)
+    norm_b2 = sum(float(b[k].double().pow(2).sum()) for k in b)
+    max_abs = max(float((a[k] - b[k]).abs().max()) for k in a)
+    return {"relative_l2": math.sqrt(diff2) / max(math.sqrt(norm_b2), 1e-30), "max_abs": max_abs,
+            "grad_norm_trl": math.sqrt(norm_b2)}
+
+
+def summarise(records: list[dict]) -> dict:
+    return {phase: {"seconds": statistics.median(r[phase]["seconds"] for r in records),
+                    "peak_mb": max(r[phase]["peak_mb"] for r in records)} for phase in PHASES}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--train-file", default=str(REPO / "data/synthetic/train.jsonl"))
+    parser.add_argument("--prompts", type=int, default=4, help="prompts per step")
+    parser.add_argument("--group-size", type=int, default=4)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--learning-rate", type=float, default=2e-5)
+    parser.add_argument("--loss-agg", default="token-mean", choices=sorted(LOSS_TYPES))
+    parser.add_argument("--kl-coef", type=float, default=0.0, help="l2a kl_coef (k3) = TRL beta")
+    parser.add_argument("--rounds", type=int, default=3, help="A B rounds after the warm-up")
+    parser.add_argument("--steps-per-round", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", default=None, help="also write every step's record here")
+    args = parser.parse_args()
+
+    settings = Settings(args.model, args.train_file, args.prompts, args.group_size, args.max_new_tokens,
+                        args.learning_rate, args.loss_agg, args.kl_coef, args.seed, args.threads,
+                        total_steps=1 + args.rounds * args.steps_per_round)
+    context = mp.get_context("spawn")
+    workers = {}
+    for name, target in (("l2a", l2a_worker), ("TRL", trl_worker)):
+        parent_end, child_end = context.Pipe()
+        process = context.Process(target=target, args=(child_end, settings), daemon=True)
+        process.start()
+        workers[name] = (parent_end, process)
+    idle = {}
+    for name, (conn, _) in workers.items():  # one at a time: loading in parallel would distort nothing but RSS
+        kind, idle[name] = conn.recv()
+        assert kind == "ready"
+
+    # ---- 1. parity -----------------------------------------------------------------------------------
+    with tempfile.TemporaryDirectory() as tmp:
+        l2a_conn, trl_conn = workers["l2a"][0], workers["TRL"][0]
+        l2a_conn.send(("parity", f"{tmp}/l2a.safetensors"))
+        _, parity_l2a = l2a_conn.recv()
+        trl_conn.send(("parity", (f"{tmp}/trl.safetensors", parity_l2a["batch"])))
+        _, parity_trl = trl_conn.recv()
+        gradients = compare_gradients(f"{tmp}/l2a.safetensors", f"{tmp}/trl.safetensors")
+    loss_gap = abs(parity_l2a["loss"] - parity_trl["loss"])
+    advantage_gap = max(abs(a - b) for a, b in zip(parity_l2a["advantages"], parity_trl["advantages"]))
+    parity_ok = (loss_gap <= LOSS_TOLERANCE and gradients.get("relative_l2", 1.0) <= GRAD_TOLERANCE
+                 and parity_trl["same_prompt_tokens"])
+    tokens = sum(len(c) for c in parity_l2a["batch"]["completion_ids"])
+    print(f"# parity on one fixed batch ({len(parity_l2a['batch']['rewards'])} completions, {tokens} tokens), "
+          f"{args.loss_agg} <-> {LOSS_TYPES[args.loss_agg]}, kl_coef = beta = {args.kl_coef}")
+    print(f"loss          l2a {parity_l2a['loss']:+.8f}   TRL {parity_trl['loss']:+.8f}   |diff| {loss_gap:.2e} "
+          f"(tolerance {LOSS_TOLERANCE:g})")
+    print(f"gradients     relative L2 error {gradients.get('relative_l2', float('nan')):.2e} (tolerance "
+          f"{GRAD_TOLERANCE:g}), max |diff| {gradients.get('max_abs', float('nan')):.2e}, "
+          f"|grad| {gradients.get('grad_norm_trl', float('nan')):.4f}  {gradients.get('error', '')}")
+    print(f"advantages    max |diff| {advantage_gap:.2e}; prompt tokens identical: {parity_trl['same_prompt_tokens']}")
+    print(f"parity: {'OK' if parity_ok else 'FAILED'}\n", flush=True)
+
+    # ---- 2. alternating timed blocks: a warm-up step each, then A B A B ... ----------------------------
+    records: dict[str, list[dict]] = {"l2a": [], "TRL": []}
+    blocks = [1] + [args.steps_per_round] * args.rounds
+    for block, steps in enumerate(blocks):
+        for name, (conn, _) in workers.items():
+            started = time.perf_counter()
+            conn.send(("steps", steps))
+            kind, block_records = conn.recv()
+            assert kind == "records", kind
+            if block > 0:
+                records[name].extend(block_records)
+            print(f"block {block} {name}: {steps} step(s) in {time.perf_counter() - started:.1f} s", flush=True)
+    for conn, process in workers.values():
+        conn.send(("stop", None))
+        conn.recv()
+        process.join(timeout=60)
+
+    # ---- 3. the table --------------------------------------------------------------------------------
+    ours, theirs = summarise(records["l2a"]), summarise(records["TRL"])
+    mean_tokens = {name: statistics.mean(r["tokens"] for r in rs) for name, rs in records.items()}
+    print(f"\n# {args.model}, {args.prompts} prompts x {args.group_size} completions, <= {args.max_new_tokens} new "
+          f"tokens, {args.loss_agg} <-> {LOSS_TYPES[args.loss_agg]}, kl {args.kl_coef}, {args.threads} threads")
+    print(f"# median of {args.rounds * args.steps_per_round} steps each, alternating blocks of {args.steps_per_round} "
+          f"after a warm-up step; completion tokens per step: l2a {mean_tokens['l2a']:.0f}, TRL {mean_tokens['TRL']:.0f}")
+    print(f"{'phase':15s} {'l2a s':>8s} {'TRL s':>8s} {'l2a/TRL':>8s}   {'l2a MB':>8s} {'TRL MB':>8s} {'l2a/TRL':>8s}")
+    for phase in PHASES:
+        a, b = ours[phase], theirs[phase]
+        ratio = a["seconds"] / b["seconds"] if b["seconds"] > 0 else float("nan")
+        print(f"{phase:15s} {a['seconds']:8.2f} {b['seconds']:8.2f} {ratio:8.2f}   {a['peak_mb']:8.0f} "
+              f"{b['peak_mb']:8.0f} {a['peak_mb'] / b['peak_mb']:8.2f}")
+    print(f"{'idle (loaded)':15s} {'':8s} {'':8s} {'':8s}   {idle['l2a']:8.0f} {idle['TRL']:8.0f} "
+          f"{idle['l2a'] / idle['TRL']:8.2f}")
+    print(f"\nrerun: python bench/vs_trl.py {' '.join(sys.argv[1:])}".rstrip())
+    if args.json:
+        Path(args.json).write_text(json.dumps({"settings": asdict(settings), "records": records, "idle_mb": idle,
+                                               "parity": {"l2a": parity_l2a, "trl": parity_trl, "gradients": gradients}}))
+    if not parity_ok:
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()
