@@ -285,7 +285,10 @@ class LocalPolicy:
         model.config.use_cache = False
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        # fused: one kernel for all parameters instead of a dozen elementwise passes (0.65 -> 0.22 s per step
+        # for SmolLM2-135M on 2 CPU cores, bench/vs_trl.py); the same AdamW update.
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                                      fused=True)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         if resume_from:
             self.load_optimizer_state(trainer_state(resume_from)["optimizer"])
