@@ -68,7 +68,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     tokenizer, model = load_tokenizer(args.model), load_model(args.model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=True)  # as train.py
     engine, judge = HFEngine(model, tokenizer), RubricJudge()
     samples = load_samples(args.data)
     memory = PeakMemory()

@@ -16,7 +16,8 @@ learning rate, gradient clipping at 1, one optimizer step per batch, and the mat
 
 1. Parity. On one fixed batch (completions sampled once, the same rewards), each trainer computes its
    loss and gradients from the same initial weights; the script prints the differences and fails
-   if they exceed the tolerances below. Advantages use TRL's epsilon (1e-4) on both sides here.
+   if they exceed the tolerances below. Advantages use TRL's epsilon (1e-4) on both sides here. With a KL
+   term, both first move the policy away from the reference by the same seeded noise (else KL = 0).
 2. Speed and memory. Each trainer runs in its own process; the parent alternates them (A B A B ...),
    ``--steps-per-round`` steps at a time, so a change in machine load hits both alike. Phases:
    generate (chat template, sampling, decoding), reward (judge, reward, advantages), logprobs (the
@@ -111,8 +112,13 @@ class Timeline:
             self.spans.append((name, start, time.perf_counter()))
 
     def peak(self, intervals: list[tuple[float, float]]) -> float:
-        inside = [mb for t, mb in list(self.memory) if any(a <= t <= b for a, b in intervals)]
-        return max(inside, default=float("nan"))
+        samples = list(self.memory)
+        peaks = []
+        for a, b in intervals:
+            inside = [mb for t, mb in samples if a <= t <= b]
+            # a phase shorter than the sampling period: the memory in use when it ended
+            peaks.append(max(inside) if inside else max((mb for t, mb in samples if t <= b), default=float("nan")))
+        return max(peaks, default=float("nan"))
 
     def record(self, phases: dict[str, list[tuple[float, float]]], tokens: int) -> dict:
         """Seconds and peak MB of each phase (a list of intervals) in this step."""
@@ -167,18 +173,20 @@ def l2a_worker(conn, settings: Settings) -> None:
     # ---- parity: loss and gradients on a fixed batch, from the initial weights, no optimizer step ----
     command, path = conn.recv()
     assert command == "parity"
+    move_away_from_reference(policy.model, cfg.kl_coef)
     batch, completions = rollouts(0, seed=12345)
     rewards = torch.tensor([r.total for r in train.score(judge, batch, completions, cfg)])
     advantages = group_advantages(rewards, cfg.group_size, eps=TRL_ADVANTAGE_EPS)
     num_tokens = sum(len(c.token_ids) for c in completions)
-    loss, _, _ = policy.micro_batch_loss(completions, advantages, num_tokens)
+    loss, sums, _ = policy.micro_batch_loss(completions, advantages, num_tokens)
     loss.backward()
     save_gradients(policy.model, path)
     policy.optimizer.zero_grad(set_to_none=True)
     fixed = {"cids": [batch[c.prompt_index]["cid"] for c in completions],
              "prompt_ids": [c.prompt_ids for c in completions], "completion_ids": [c.token_ids for c in completions],
              "rewards": rewards.tolist()}
-    conn.send(("parity", {"loss": loss.item(), "advantages": advantages.tolist(), "batch": fixed}))
+    conn.send(("parity", {"loss": loss.item(), "kl": sums["kl_mean"] / num_tokens, "advantages": advantages.tolist(),
+                          "batch": fixed}))
 
     # ---- timed steps, a block at a time when the parent says so -------------------------------------
     micro_batch_loss = policy.micro_batch_loss
@@ -209,6 +217,21 @@ def l2a_worker(conn, settings: Settings) -> None:
             step += 1
         conn.send(("records", records))
     conn.send(("bye", None))
+
+
+def move_away_from_reference(model, kl_coef: float) -> None:
+    """With a KL term, shift the policy's weights by the same seeded noise on both sides before the parity
+    check: at the initial weights policy = reference, the KL and its gradient are exactly 0 and prove nothing."""
+    import zlib
+
+    import torch
+
+    if kl_coef == 0:
+        return
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=torch.Generator().manual_seed(zlib.crc32(name.encode())))
+            param.add_(noise * 0.05 * param.std())
 
 
 def save_gradients(model, path: str) -> None:
@@ -254,6 +277,9 @@ def trl_worker(conn, settings: Settings) -> None:
         gradient_accumulation_steps=1, max_completion_length=settings.max_new_tokens, temperature=1.0, top_p=1.0,
         learning_rate=settings.learning_rate, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0,
         loss_type=LOSS_TYPES[settings.loss_agg], beta=settings.kl_coef, epsilon=0.2,
+        # TRL 1.16 multiplies the KL term by the (differentiable) ratio by default, DeepSeek-V3.2's unbiased
+        # variant: the same value on-policy, another gradient. l2a's kl_coef is the GRPO paper's plain k3.
+        use_bias_correction_kl=False,
         gradient_checkpointing=False,  # l2a's default too; TRL's default is True (less memory, slower)
         shuffle_dataset=False, max_steps=settings.total_steps, logging_steps=10**9, save_strategy="no",
         report_to=[], disable_tqdm=True,
@@ -266,6 +292,7 @@ def trl_worker(conn, settings: Settings) -> None:
     # ---- parity: the fixed batch through TRL's own loss --------------------------------------------
     command, (path, fixed) = conn.recv()
     assert command == "parity"
+    move_away_from_reference(trainer.model, settings.kl_coef)
     result = trl_parity(trainer, fixed, by_cid)
     save_gradients(trainer.model, path)
     trainer.model.zero_grad(set_to_none=True)
@@ -287,13 +314,12 @@ def trl_worker(conn, settings: Settings) -> None:
     wrap("_get_per_token_logps_and_entropies", "forward")
 
     class Pace(TrainerCallback):
-        def __init__(self):
-            self.left, self.records, self.start = 0, [], 0.0
+        def __init__(self, first_block: int):
+            self.left, self.records, self.start = first_block, [], 0.0
 
         def on_step_begin(self, args, state, control, **kwargs):
             if self.left == 0:
-                if self.records:
-                    conn.send(("records", self.records))
+                conn.send(("records", self.records))
                 message = conn.recv()
                 assert message[0] == "steps", message
                 self.left, self.records = message[1], []
@@ -313,11 +339,13 @@ def trl_worker(conn, settings: Settings) -> None:
                 [(a, b) for n, a, b in spans if n == "reward"], loss + extra, [(loss[-1][1], end)], tokens))
             self.left -= 1
 
-    pace = Pace()
-    trainer.add_callback(pace)
-    trainer.train()
-    conn.send(("records", pace.records))
-    conn.recv()
+    message = conn.recv()
+    if message[0] == "steps":  # else parity only: no training
+        pace = Pace(first_block=message[1])
+        trainer.add_callback(pace)
+        trainer.train()
+        conn.send(("records", pace.records))
+        conn.recv()
     conn.send(("bye", None))
 
 
@@ -360,7 +388,8 @@ def trl_parity(trainer, fixed: dict, by_cid: dict) -> dict:
     trainer.model.train()
     loss = trainer._compute_loss(trainer.model, inputs)
     loss.backward()
-    return {"loss": loss.item(), "advantages": advantages.tolist(), "same_prompt_tokens": same_prompts}
+    kl = trainer._metrics["train"]["kl"][-1] if trainer.beta != 0.0 else 0.0
+    return {"loss": loss.item(), "kl": kl, "advantages": advantages.tolist(), "same_prompt_tokens": same_prompts}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -396,7 +425,7 @@ def main() -> None:
     parser.add_argument("--learning-rate", type=float, default=2e-5)
     parser.add_argument("--loss-agg", default="token-mean", choices=sorted(LOSS_TYPES))
     parser.add_argument("--kl-coef", type=float, default=0.0, help="l2a kl_coef (k3) = TRL beta")
-    parser.add_argument("--rounds", type=int, default=3, help="A B rounds after the warm-up")
+    parser.add_argument("--rounds", type=int, default=3, help="A B rounds after the warm-up (0: parity only)")
     parser.add_argument("--steps-per-round", type=int, default=2)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--seed", type=int, default=0)
@@ -414,7 +443,7 @@ def main() -> None:
         process.start()
         workers[name] = (parent_end, process)
     idle = {}
-    for name, (conn, _) in workers.items():  # one at a time: loading in parallel would distort nothing but RSS
+    for name, (conn, _) in workers.items():  # both load at the same time; wait for both
         kind, idle[name] = conn.recv()
         assert kind == "ready"
 
@@ -438,12 +467,13 @@ def main() -> None:
     print(f"gradients     relative L2 error {gradients.get('relative_l2', float('nan')):.2e} (tolerance "
           f"{GRAD_TOLERANCE:g}), max |diff| {gradients.get('max_abs', float('nan')):.2e}, "
           f"|grad| {gradients.get('grad_norm_trl', float('nan')):.4f}  {gradients.get('error', '')}")
+    print(f"mean KL       l2a {parity_l2a['kl']:.6f}   TRL {parity_trl['kl']:.6f}")
     print(f"advantages    max |diff| {advantage_gap:.2e}; prompt tokens identical: {parity_trl['same_prompt_tokens']}")
     print(f"parity: {'OK' if parity_ok else 'FAILED'}\n", flush=True)
 
     # ---- 2. alternating timed blocks: a warm-up step each, then A B A B ... ----------------------------
     records: dict[str, list[dict]] = {"l2a": [], "TRL": []}
-    blocks = [1] + [args.steps_per_round] * args.rounds
+    blocks = [1] + [args.steps_per_round] * args.rounds if args.rounds else []
     for block, steps in enumerate(blocks):
         for name, (conn, _) in workers.items():
             started = time.perf_counter()
@@ -458,6 +488,9 @@ def main() -> None:
         conn.recv()
         process.join(timeout=60)
 
+    if not args.rounds:
+        raise SystemExit(0 if parity_ok else 1)
+
     # ---- 3. the table --------------------------------------------------------------------------------
     ours, theirs = summarise(records["l2a"]), summarise(records["TRL"])
     mean_tokens = {name: statistics.mean(r["tokens"] for r in rs) for name, rs in records.items()}
@@ -471,6 +504,10 @@ def main() -> None:
         ratio = a["seconds"] / b["seconds"] if b["seconds"] > 0 else float("nan")
         print(f"{phase:15s} {a['seconds']:8.2f} {b['seconds']:8.2f} {ratio:8.2f}   {a['peak_mb']:8.0f} "
               f"{b['peak_mb']:8.0f} {a['peak_mb'] / b['peak_mb']:8.2f}")
+    per_token = {name: 100 * statistics.median(r["generate"]["seconds"] / r["tokens"] for r in rs)
+                 for name, rs in records.items()}
+    print(f"{'generate/100tok':15s} {per_token['l2a']:8.2f} {per_token['TRL']:8.2f} "
+          f"{per_token['l2a'] / per_token['TRL']:8.2f}   (seconds per 100 completion tokens: the runs sample different lengths)")
     print(f"{'idle (loaded)':15s} {'':8s} {'':8s} {'':8s}   {idle['l2a']:8.0f} {idle['TRL']:8.0f} "
           f"{idle['l2a'] / idle['TRL']:8.2f}")
     print(f"\nrerun: python bench/vs_trl.py {' '.join(sys.argv[1:])}".rstrip())

@@ -30,7 +30,9 @@ Mapping to l2a:
     loss_type "dapo"      <-> loss_agg="token-mean",              num_tokens = num_items_in_batch
     loss_type "grpo"      <-> loss_agg="seq-mean-token-mean",     num_seqs = sequences in the whole batch
     loss_type "dr_grpo"   <-> loss_agg="seq-mean-token-sum-norm", max_len = max_completion_length (the cap)
-    beta                  <-> kl_coef, with kl_estimator="k3"
+    beta                  <-> kl_coef, with kl_estimator="k3" and TRL's use_bias_correction_kl=False
+                              (its default, True, multiplies the KL term by the ratio: same value
+                              on-policy, a different gradient; l2a follows the GRPO paper)
     epsilon, epsilon_high <-> clip_low, clip_high
     scale_rewards         <-> group_advantages(rewards, G, scale, eps=1e-4)   (l2a's default eps is 1e-6)
 """
