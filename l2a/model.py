@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from transformers import (AttentionInterface, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel,
                           PreTrainedTokenizerBase)
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 EMBEDDED_DEFAULT = "smollm2-135m"
@@ -98,7 +99,12 @@ def grouped_sdpa_attention(module, query, key, value, attention_mask, dropout=0.
     always passes one. While decoding, that copy of the whole cache in every layer costs more than the
     layer's matrix products (16 rows x 315 positions: 4.9 ms per layer with the copy, 0.8 ms without).
     torch's ``enable_gqa`` reads the shared heads without copying; results are bit-identical (tested).
+    On CPU only: on CUDA, SDPA's fused kernels do not combine ``enable_gqa`` with a mask and would fall
+    back to the slow math kernel, so there transformers' own function (copies, fused kernel) runs.
     """
+    if query.device.type != "cpu":
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
     q_len, kv_len = query.shape[2], key.shape[2]
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     causal = q_len > 1 and attention_mask is None and causal
