@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,37 +21,13 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere
 
+from bench.memory import MemorySampler  # noqa: E402
 from l2a.data import load_samples  # noqa: E402
 from l2a.grpo import group_advantages, grpo_loss, token_logprobs
 from l2a.model import EMBEDDED_DEFAULT, load_model, load_tokenizer
 from l2a.prompts import policy_messages
 from l2a.reward import RubricJudge, score_responses
 from l2a.rollout import HFEngine, SamplingConfig, completion_logits, pack_completions
-
-
-def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-class PeakMemory:
-    """Samples the resident set size every 5 ms in a thread; ``peak`` is the maximum seen in a phase."""
-
-    def __init__(self):
-        self.peak = 0.0
-        self._stop = threading.Event()
-        threading.Thread(target=self._run, daemon=True).start()
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, rss_mb())
-            time.sleep(0.005)
-
-    def reset(self):
-        self.peak = rss_mb()
 
 
 def main() -> None:
@@ -71,18 +46,19 @@ def main() -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=True)  # as train.py
     engine, judge = HFEngine(model, tokenizer), RubricJudge()
     samples = load_samples(args.data)
-    memory = PeakMemory()
+    memory = MemorySampler(period=0.005)
+    memory.start()
     times: dict[str, list[float]] = {}
     peaks: dict[str, float] = {}
 
     @contextmanager
     def phase(name: str, record: bool):
-        memory.reset()
         start = time.perf_counter()
         yield
         if record:
-            times.setdefault(name, []).append(time.perf_counter() - start)
-            peaks[name] = max(peaks.get(name, 0.0), memory.peak)
+            end = time.perf_counter()
+            times.setdefault(name, []).append(end - start)
+            peaks[name] = max(peaks.get(name, 0.0), memory.peak([(start, end)]))
 
     tokens = []
     for step in range(args.steps + 1):

@@ -36,7 +36,6 @@ import os
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -44,6 +43,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere
+
+from bench.memory import MemorySampler, rss_mb  # noqa: E402
 
 LOSS_TYPES = {"token-mean": "dapo", "seq-mean-token-mean": "grpo", "seq-mean-token-sum-norm": "dr_grpo"}
 PHASES = ("generate", "reward", "logprobs", "backward+step", "other", "step")
@@ -72,36 +73,20 @@ class Settings:
 # --------------------------------------------------------------------------------------------------
 
 
-def rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
 class Timeline:
-    """Named time intervals of the current step, and the process's resident memory over time."""
+    """Named time intervals of the current step, and the process's resident memory during it."""
 
     def __init__(self):
         self.spans: list[tuple[str, float, float]] = []
-        self.memory: list[tuple[float, float]] = []
-        self._recording = threading.Event()
-        threading.Thread(target=self._sample, daemon=True).start()
-
-    def _sample(self):
-        while True:
-            self._recording.wait()
-            self.memory.append((time.perf_counter(), rss_mb()))
-            time.sleep(0.002)
+        self.memory = MemorySampler()
 
     def start_step(self) -> float:
         self.spans.clear()
-        self.memory.clear()
-        self.memory.append((time.perf_counter(), rss_mb()))
-        self._recording.set()
+        self.memory.start()
         return time.perf_counter()
 
     def end_step(self) -> None:
-        self._recording.clear()
-        self.memory.append((time.perf_counter(), rss_mb()))
+        self.memory.stop()
 
     @contextmanager
     def span(self, name: str):
@@ -111,20 +96,11 @@ class Timeline:
         finally:
             self.spans.append((name, start, time.perf_counter()))
 
-    def peak(self, intervals: list[tuple[float, float]]) -> float:
-        samples = list(self.memory)
-        peaks = []
-        for a, b in intervals:
-            inside = [mb for t, mb in samples if a <= t <= b]
-            # a phase shorter than the sampling period: the memory in use when it ended
-            peaks.append(max(inside) if inside else max((mb for t, mb in samples if t <= b), default=float("nan")))
-        return max(peaks, default=float("nan"))
-
     def record(self, phases: dict[str, list[tuple[float, float]]], tokens: int) -> dict:
         """Seconds and peak MB of each phase (a list of intervals) in this step."""
         result = {"tokens": tokens}
         for name, intervals in phases.items():
-            result[name] = {"seconds": sum(b - a for a, b in intervals), "peak_mb": self.peak(intervals)}
+            result[name] = {"seconds": sum(b - a for a, b in intervals), "peak_mb": self.memory.peak(intervals)}
         return result
 
 
