@@ -216,8 +216,7 @@ def renamed_optimizer_state(state: dict, key) -> dict:
     }
 
 
-@contextlib.contextmanager
-def children_see_only_my_gpu(accelerator: Accelerator):
+def engine_environment(accelerator: Accelerator) -> dict[str, str]:
     """Under ``accelerate launch`` on GPUs: start this process's vLLM engine on this process's GPU.
 
     The multi-process engine runs in child processes, which inherit the environment and would all
@@ -225,18 +224,10 @@ def children_see_only_my_gpu(accelerator: Accelerator):
     the trainer itself keeps seeing every GPU.
     """
     if accelerator.device.type != "cuda" or accelerator.num_processes == 1:
-        yield
-        return
-    saved = os.environ.get("CUDA_VISIBLE_DEVICES")
-    visible = saved.split(",") if saved else [str(i) for i in range(torch.cuda.device_count())]
-    os.environ["CUDA_VISIBLE_DEVICES"] = visible[accelerator.device.index]
-    try:
-        yield
-    finally:
-        if saved is None:
-            del os.environ["CUDA_VISIBLE_DEVICES"]
-        else:
-            os.environ["CUDA_VISIBLE_DEVICES"] = saved
+        return {}
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    visible = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+    return {"CUDA_VISIBLE_DEVICES": visible[accelerator.device.index]}
 
 
 def full_sequence_logits(model, batch: PackedBatch) -> torch.Tensor:
@@ -332,9 +323,9 @@ class LocalPolicy:
             accelerator.print(f"warning: {message}")
         if cfg.vllm_tensor_parallel_size > 1 and accelerator.num_processes > 1:
             raise SystemExit("error: vllm_tensor_parallel_size > 1 works for single-process runs only")
-        from l2a.vllm_engine import VLLMEngine
+        from l2a.vllm_engine import VLLMEngine, environment
 
-        with children_see_only_my_gpu(accelerator):
+        with environment(engine_environment(accelerator)):
             return VLLMEngine(
                 path,
                 dtype=cfg.vllm_dtype,

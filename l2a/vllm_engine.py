@@ -166,7 +166,7 @@ class VLLMEngine:
             # vLLM compiles a small log-prob helper with inductor on the first request: 7-30 s
             # of C++ compilation on 2 cores for nothing measurable. Eager is fine.
             engine_env["TORCHDYNAMO_DISABLE"] = "1"
-        with _environment(engine_env), self._engine_turn():
+        with environment(engine_env), self._engine_turn():
             self.llm = LLM(
                 model=self.model_dir,
                 dtype=dtype,
@@ -444,7 +444,7 @@ def _generation_eos_ids(model_dir: str) -> set[int]:
 
 
 @contextlib.contextmanager
-def _environment(values: dict[str, str]):
+def environment(values: dict[str, str]):
     """Set environment variables for the duration of a ``with`` block, then restore them."""
     saved = {key: os.environ.get(key) for key in values}
     os.environ.update(values)

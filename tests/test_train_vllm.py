@@ -11,6 +11,7 @@ double for a remote LLM judge, with hash-based grades so the advantages are not 
 
 import contextlib
 import json
+import os
 
 import pytest
 import torch
@@ -88,3 +89,20 @@ def test_engine_is_synced_after_every_step(tiny_model_dir, tmp_path, monkeypatch
         assert r["sampler_logprob_diff_max"] < ATOL and r["sampler_logprob_diff"] < ATOL
         assert r["is_weight_mean"] == pytest.approx(1.0, abs=ATOL)
         assert r["time/sync"] > 0 and r["grad_norm"] > 0
+
+
+def test_each_process_starts_its_engine_on_its_own_gpu(monkeypatch):
+    """The environment a rank's vLLM engine starts in: only that rank's GPU is visible to its children
+    (a stand-in accelerator: no GPU here); the variable is restored afterwards."""
+    from types import SimpleNamespace
+
+    from l2a.vllm_engine import environment
+
+    rank1_of_2 = SimpleNamespace(device=torch.device("cuda", 1), num_processes=2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    assert train.engine_environment(rank1_of_2) == {"CUDA_VISIBLE_DEVICES": "5"}
+    with environment(train.engine_environment(rank1_of_2)):
+        assert os.environ["CUDA_VISIBLE_DEVICES"] == "5"
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "3,5"
+    assert train.engine_environment(SimpleNamespace(device=torch.device("cpu"), num_processes=2)) == {}
+    assert train.engine_environment(SimpleNamespace(device=torch.device("cuda", 0), num_processes=1)) == {}
