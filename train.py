@@ -43,6 +43,7 @@ from accelerate.utils import DistributedType, set_seed
 from tqdm import tqdm
 from transformers import HfArgumentParser
 
+from l2a.cli import run_command
 from l2a.data import load_samples
 from l2a.grpo import group_advantages, grpo_loss, token_entropy, token_logprobs
 from l2a.model import EMBEDDED_DEFAULT, load_model, load_tokenizer
@@ -68,6 +69,8 @@ class Config:
     output_dir: str = arg("runs/default", "Metrics, plots and checkpoints go here.")
     backend: str = arg("local", "'local' (torch here, any number of processes) or 'tinker' (sampling and training on Tinker).")
     seed: int = arg(0, "Seeds data order, sampling and initialisation.")
+    dtype: str = arg("float32", "Weights and compute of the trained model (and its reference): 'float32', or "
+                                "'float64' (exact arithmetic, e.g. to check that splitting a batch changes nothing).")
     # --- rollouts ---------------------------------------------------------------------------------
     prompts_per_step: int = arg(4, "Consultations per optimizer step, over all processes (the paper: 64).")
     group_size: int = arg(4, "Completions sampled per consultation: the GRPO group (the paper: 5).")
@@ -140,8 +143,8 @@ def parse_config(argv: list[str]) -> Config:
 # --------------------------------------------------------------------------------------------------
 
 
-def latest_checkpoint(cfg: Config) -> Path | None:
-    found = sorted((Path(cfg.output_dir) / "checkpoints").glob("step-*"))
+def latest_checkpoint(output_dir: str) -> Path | None:
+    found = sorted((Path(output_dir) / "checkpoints").glob("step-*"))
     return found[-1] if found else None
 
 
@@ -272,7 +275,8 @@ class LocalPolicy:
         self.sharded = accelerator.is_fsdp2  # each process holds one shard of every weight
         path = str(resume_from) if resume_from else cfg.model
         self.tokenizer = load_tokenizer(path)
-        model = load_model(path)
+        self.dtype = getattr(torch, cfg.dtype)
+        model = load_model(path, self.dtype)
         model.config.use_cache = False
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -289,7 +293,7 @@ class LocalPolicy:
         self.completion_logits = full_sequence_logits if checkpointing else completion_logits
         self.reference = None
         if cfg.kl_coef:  # the frozen starting point: never the resumed weights
-            self.reference = self.prepare_frozen(load_model(cfg.model).eval().requires_grad_(False))
+            self.reference = self.prepare_frozen(load_model(cfg.model, self.dtype).eval().requires_grad_(False))
         self.replica = None  # a full copy of the weights for the HF engine under FSDP2 (see make_engine)
         self.engine = self.make_engine(path)
 
@@ -311,7 +315,7 @@ class LocalPolicy:
                 return HFEngine(accelerator.unwrap_model(self.model), self.tokenizer, cfg.generation_batch_size)
             # A sharded model gathers its weights in every forward pass, a collective, and processes stop
             # generating at different lengths: sample from a full replica instead, synced after every step.
-            self.replica = load_model(path).to(accelerator.device).eval().requires_grad_(False)
+            self.replica = load_model(path, self.dtype).to(accelerator.device).eval().requires_grad_(False)
             return HFEngine(self.replica, self.tokenizer, cfg.generation_batch_size)
         if cfg.rollout_engine != "vllm":
             raise SystemExit(f"error: rollout_engine must be 'hf' or 'vllm', got {cfg.rollout_engine!r}")
@@ -534,7 +538,7 @@ def main(argv: list[str] | None = None) -> None:
     judge = make_judge(cfg)
 
     start_step, skipped_steps, resume_from = 0, 0, None
-    if cfg.resume and (resume_from := latest_checkpoint(cfg)) is not None:
+    if cfg.resume and (resume_from := latest_checkpoint(cfg.output_dir)) is not None:
         start_step, skipped_steps = resume_position(resume_from)
         accelerator.print(f"resuming from {resume_from} (step {start_step})")
     if cfg.backend == "local":
@@ -562,69 +566,71 @@ def main(argv: list[str] | None = None) -> None:
             with metrics_file.open("a") as f:
                 f.write(json.dumps({"step": step, **metrics}) + "\n")
 
-    if eval_samples and start_step == 0:
-        log(evaluate(policy, judge, eval_samples, cfg), step=0)
+    try:
+        if eval_samples and start_step == 0:
+            log(evaluate(policy, judge, eval_samples, cfg), step=0)
 
-    progress = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps,
-                    disable=not accelerator.is_main_process, desc="grpo")
-    for step in progress:
-        t0 = time.perf_counter()
-        # ---- 1. rollouts: this process's share of the step's prompts, group_size completions each ----
-        indices = prompts_for_step(len(train_samples), step, cfg.prompts_per_step, cfg.seed)
-        my_samples = [train_samples[i] for i in indices[rank::world]]
-        sampling = SamplingConfig(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
-                                  seed=cfg.seed * 1_000_003 + step * 1_009 + rank)
-        chats = [policy_messages(s["messages"], cfg.train_mode) for s in my_samples]
-        completions = policy.generate(chats, cfg.group_size, sampling)
-        t1 = time.perf_counter()
+        progress = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps,
+                        disable=not accelerator.is_main_process, desc="grpo")
+        for step in progress:
+            t0 = time.perf_counter()
+            # ---- 1. rollouts: this process's share of the step's prompts, group_size completions each ----
+            indices = prompts_for_step(len(train_samples), step, cfg.prompts_per_step, cfg.seed)
+            my_samples = [train_samples[i] for i in indices[rank::world]]
+            sampling = SamplingConfig(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
+                                      seed=cfg.seed * 1_000_003 + step * 1_009 + rank)
+            chats = [policy_messages(s["messages"], cfg.train_mode) for s in my_samples]
+            completions = policy.generate(chats, cfg.group_size, sampling)
+            t1 = time.perf_counter()
 
-        # ---- 2. rewards: the judge grades correct "continue" questions, compute_reward does the rest -
-        rewards = score(judge, my_samples, completions, cfg)
-        local = torch.tensor([[r.total, r.action, r.content, r.format, len(c.token_ids), float(STOP_TOKEN in c.text)]
-                              for r, c in zip(rewards, completions)], device=accelerator.device)
-        t2 = time.perf_counter()
+            # ---- 2. rewards: the judge grades correct "continue" questions, compute_reward does the rest -
+            rewards = score(judge, my_samples, completions, cfg)
+            local = torch.tensor([[r.total, r.action, r.content, r.format, len(c.token_ids), float(STOP_TOKEN in c.text)]
+                                  for r, c in zip(rewards, completions)], device=accelerator.device)
+            t2 = time.perf_counter()
 
-        # ---- 3. advantages: every group is whole on one process; gather so "batch" scaling sees all --
-        everything = accelerator.gather(local)  # [prompts_per_step * group_size, 6], in rank order (collective)
-        advantages = group_advantages(everything[:, 0], cfg.group_size, cfg.adv_scale).view(world, -1)[rank]
+            # ---- 3. advantages: every group is whole on one process; gather so "batch" scaling sees all --
+            everything = accelerator.gather(local)  # [prompts_per_step * group_size, 6], in rank order (collective)
+            advantages = group_advantages(everything[:, 0], cfg.group_size, cfg.adv_scale).view(world, -1)[rank]
 
-        # ---- 4.+5. loss, backward, optimizer step (skipped if anything is not finite) --------------
-        update = policy.update(completions, advantages)
-        if not update.pop("applied"):
-            skipped_steps += 1
-            accelerator.print(f"step {step + 1}: non-finite loss or gradient, update skipped")
-        t3 = time.perf_counter()
+            # ---- 4.+5. loss, backward, optimizer step (skipped if anything is not finite) --------------
+            update = policy.update(completions, advantages)
+            if not update.pop("applied"):
+                skipped_steps += 1
+                accelerator.print(f"step {step + 1}: non-finite loss or gradient, update skipped")
+            t3 = time.perf_counter()
 
-        # ---- logging: whole-batch numbers (all processes) ----------------------------------------------
-        parts = everything.mean(dim=0)
-        groups = everything[:, 0].view(-1, cfg.group_size)
-        metrics = {
-            "reward": parts[0].item(),
-            "reward_std": everything[:, 0].std().item(),
-            "reward_action": parts[1].item(),
-            "reward_content": parts[2].item(),
-            "reward_format": parts[3].item(),
-            "decision_accuracy": parts[1].item(),
-            "frac_zero_std_groups": (groups.max(1).values == groups.min(1).values).float().mean().item(),
-            **update,
-            "completion_length": parts[4].item(),
-            "stop_rate": parts[5].item(),
-            "tokens_per_second": everything[:, 4].sum().item() / (t1 - t0),
-            "time/generate": t1 - t0,
-            "time/judge": t2 - t1,
-            "time/train": t3 - t2,
-            "skipped_steps": skipped_steps,
-        }
-        if eval_samples and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
-            metrics.update(evaluate(policy, judge, eval_samples, cfg))
-        log(metrics, step=step + 1)
-        progress.set_postfix(reward=f"{metrics['reward']:.2f}", acc=f"{metrics['decision_accuracy']:.2f}")
+            # ---- logging: whole-batch numbers (all processes) ----------------------------------------------
+            parts = everything.mean(dim=0)
+            groups = everything[:, 0].view(-1, cfg.group_size)
+            metrics = {
+                "reward": parts[0].item(),
+                "reward_std": everything[:, 0].std().item(),
+                "reward_action": parts[1].item(),
+                "reward_content": parts[2].item(),
+                "reward_format": parts[3].item(),
+                "decision_accuracy": parts[1].item(),
+                "frac_zero_std_groups": (groups.max(1).values == groups.min(1).values).float().mean().item(),
+                **update,
+                "completion_length": parts[4].item(),
+                "stop_rate": parts[5].item(),
+                "tokens_per_second": everything[:, 4].sum().item() / (t1 - t0),
+                "time/generate": t1 - t0,
+                "time/judge": t2 - t1,
+                "time/train": t3 - t2,
+                "skipped_steps": skipped_steps,
+            }
+            if eval_samples and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
+                metrics.update(evaluate(policy, judge, eval_samples, cfg))
+            log(metrics, step=step + 1)
+            progress.set_postfix(reward=f"{metrics['reward']:.2f}", acc=f"{metrics['decision_accuracy']:.2f}")
 
-        if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.steps:
-            policy.save(step + 1, {"step": step + 1, "skipped_steps": skipped_steps})
+            if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.steps:
+                policy.save(step + 1, {"step": step + 1, "skipped_steps": skipped_steps})
 
-    if cfg.backend == "local":
-        policy.close()  # first: end_training destroys the default process group, an in-process engine's too
+    finally:
+        if cfg.backend == "local":
+            policy.close()  # first: end_training destroys the default process group, an in-process engine's too
     accelerator.end_training()
     if accelerator.is_main_process:
         from l2a.plot import plot_run
@@ -632,5 +638,13 @@ def main(argv: list[str] | None = None) -> None:
         accelerator.print(f"curves: {plot_run(out_dir)}")
 
 
+def interrupted_hint(argv: list[str]) -> str:
+    """What a stopped run kept, and how to continue it."""
+    last = latest_checkpoint(parse_config(argv).output_dir)
+    if last is None:
+        return "no checkpoint was written yet; start again (metrics.jsonl keeps the steps logged so far)"
+    return f"the newest checkpoint is {last}; continue from it with --resume true"
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command(main, resume_hint=lambda: interrupted_hint(sys.argv[1:])))

@@ -41,6 +41,8 @@ from typing import Any, Awaitable, Callable
 import openai
 from tqdm import tqdm
 
+from l2a.cli import UserError, run_command
+from l2a.endpoint import run_async
 from l2a.prompts import extraction_messages
 from l2a.synthetic import synthesize_sessions
 
@@ -52,7 +54,7 @@ DECISIONS = ("continue", "stop")
 SAMPLE_KEYS = ("cid", "session_id", "diagn", "messages", "decision_truth", "info_truth")
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Bad input data. The message starts with ``path:line:`` so the culprit can be found and fixed."""
 
 
@@ -60,11 +62,11 @@ class ExtractionFailed(Exception):
     """Every attempt to extract one sample's facts failed; the message is short and safe to store."""
 
 
-class EndpointRejected(Exception):
+class EndpointRejected(UserError):
     """The endpoint refused us (wrong key, model or URL): no retry and no other sample can succeed."""
 
 
-class ExtractionIncomplete(Exception):
+class ExtractionIncomplete(UserError):
     """Some samples have no successful extraction, so the dataset cannot be built without losing them."""
 
 
@@ -321,7 +323,8 @@ class LLMExtractor:
                 )
                 return parse_info_list(response.choices[0].message.content if response.choices else None)
             except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError) as err:
-                raise EndpointRejected(self._describe(err)) from None
+                raise EndpointRejected(f"the endpoint rejected the request ({self._describe(err)}); check --base-url, "
+                                   "--model and the API key variable") from None
             except (openai.APIError, ValueError) as err:  # HTTP error, timeout, connection, bad reply
                 error = err
         raise ExtractionFailed(self._describe(error))
@@ -532,7 +535,7 @@ def _prepare(args: argparse.Namespace, api_key: str | None) -> None:
         train, test = split_by_session(train, args.test_fraction, args.seed)
     sessions = {"train": train, "test": test}
     samples = {name: _split_all(part, args.context) for name, part in sessions.items()}
-    info_sets = asyncio.run(_extract_parts(samples, args, api_key))
+    info_sets = run_async(_extract_parts(samples, args, api_key))
     # Build both parts before writing either, so a refusal leaves no half-updated output.
     built = {name: build_dataset(samples[name], info_sets[name], args.drop_failed) for name in sessions}
     for name, (records, counts) in built.items():
@@ -617,25 +620,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--test-fraction must be between 0 and 1")
     api_key = _api_key(parser, args) if args.command == "prepare" else None
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
-    try:
-        if args.command == "synth":
-            _synth(args)
-        else:
-            _prepare(args, api_key)
-    except DataError as err:  # bad input: say where, no traceback
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except EndpointRejected as err:
-        print(f"error: the endpoint rejected the request ({err}); check --base-url, --model and "
-              f"${args.api_key_env}", file=sys.stderr)
-        return 1
-    except ExtractionIncomplete as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted: finished extractions are saved; rerun the same command to resume", file=sys.stderr)
-        return 130
-    return 0
+    work = (lambda: _synth(args)) if args.command == "synth" else (lambda: _prepare(args, api_key))
+    return run_command(work, resume_hint="finished extractions are saved; rerun the same command to resume")
 
 
 if __name__ == "__main__":

@@ -37,7 +37,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import openai  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from l2a.cli import UserError, run_command  # noqa: E402
 from l2a.data import DataError, load_samples, repair_incomplete_tail  # noqa: E402
+from l2a.endpoint import run_async  # noqa: E402
 from l2a.prompts import policy_messages  # noqa: E402
 from l2a.reward import (  # noqa: E402
     DECISIONS, OpenAIJudge, RubricJudge, ScoredResponse, fuse, needs_grade, predicted_decision, score_responses,
@@ -63,7 +65,7 @@ COUNTS = ("samples", "rollouts", "continue_pairs", "stop_pairs", "judge_failures
 ROLLOUTS_FILE, GRADED_FILE, SETTINGS_FILE = "rollouts.jsonl", "graded.jsonl", "settings.json"
 
 
-class EvalError(Exception):
+class EvalError(UserError):
     """A problem the user can fix (bad input, settings, endpoint); printed without a traceback."""
 
 
@@ -211,7 +213,7 @@ class EndpointPolicy:
         self.backoff = backoff
 
     def run(self, items: Sequence[tuple[int, dict]], n: int, on_done: OnDone) -> None:
-        asyncio.run(self._run(items, n, on_done))
+        run_async(self._run(items, n, on_done))
 
     async def _run(self, items: Sequence[tuple[int, dict]], n: int, on_done: OnDone) -> None:
         semaphore = asyncio.Semaphore(self.concurrency)
@@ -707,21 +709,13 @@ def compare(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    try:
-        if argv[:1] == ["compare"]:
-            compare(compare_parser().parse_args(argv[1:]))
-        else:
-            parser = run_parser()
-            args = parser.parse_args(argv)
-            _check_args(parser, args)
-            run(args)
-    except EvalError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted: finished samples are saved; rerun the same command to resume", file=sys.stderr)
-        return 130
-    return 0
+    if argv[:1] == ["compare"]:
+        args = compare_parser().parse_args(argv[1:])
+        return run_command(lambda: compare(args), resume_hint="nothing to resume")
+    parser = run_parser()
+    args = parser.parse_args(argv)
+    _check_args(parser, args)
+    return run_command(lambda: run(args), resume_hint="finished samples are saved; rerun the same command to resume")
 
 
 if __name__ == "__main__":

@@ -60,6 +60,11 @@ def group_advantages(
     return centred.view(-1)
 
 
+def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 logits in float32 (a log-softmax over ~50k entries needs the precision); float64 stays."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """log pi(token | prefix) at the sampling temperature: ``log_softmax(logits / T)[token]``.
 
@@ -67,12 +72,12 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
 
     logits [B, T, V], tokens [B, T] -> [B, T]. Written as gather minus logsumexp rather than
     ``log_softmax(...).gather(...)``: log_softmax would keep a second [B, T, V] tensor alive for the
-    backward pass, logsumexp keeps only its [B, T] result. The trainer must use the same T as the
+    backward pass, logsumexp keeps only its [B, T] result. Half-precision logits are computed in float32. The trainer must use the same T as the
     sampler, otherwise ratios against sampler log-probabilities are wrong.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 to define log-probabilities, got {temperature}")
-    logits = logits.float()
+    logits = _at_least_float32(logits)
     if temperature != 1.0:
         logits = logits / temperature
     picked = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
@@ -87,7 +92,7 @@ def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tenso
     """
     rows = []
     for row in logits:
-        z = row.float() / temperature
+        z = _at_least_float32(row) / temperature
         rows.append(torch.logsumexp(z, dim=-1) - (torch.softmax(z, dim=-1) * z).sum(dim=-1))
     return torch.stack(rows)
 

@@ -32,6 +32,7 @@ from typing import Protocol, Sequence
 
 import openai
 
+from l2a.endpoint import run_async
 from l2a.prompts import STOP_TOKEN, grader_messages
 
 log = logging.getLogger(__name__)
@@ -200,7 +201,7 @@ class Judge(Protocol):
 
 def grade_sync(judge: Judge, requests: list[JudgeRequest]) -> list[Grade | None]:
     """Run ``judge.grade`` from synchronous code (training and evaluation loops)."""
-    return asyncio.run(judge.grade(requests))
+    return run_async(judge.grade(requests))
 
 
 class OpenAIJudge:

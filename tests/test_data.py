@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -20,6 +18,7 @@ from pathlib import Path
 import openai
 import pytest
 from openai_stub import ChatStub, Reply
+from subprocesses import command_env, python, run_to_end, spawned, stop_and_wait, wait_until
 
 from l2a.data import (
     SAMPLE_KEYS,
@@ -407,8 +406,7 @@ def test_truncated_last_line_is_repaired(tmp_path):
 
 
 def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "l2a.data", *args], cwd=REPO, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})}, timeout=60)
+    return run_to_end(python("-m", "l2a.data", *args), timeout=60, env=command_env(**(env or {})))
 
 
 def test_cli_synth(tmp_path):
@@ -479,37 +477,41 @@ def test_cli_bad_input_and_skip_bad(tmp_path, capsys):
         len(split_session(s)) for s in synthesize_sessions(4, seed=0))
 
 
-@pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGKILL])
-def test_cli_interrupted_run_loses_nothing(tmp_path, signal_number, monkeypatch):
-    """Ctrl-C or kill during extraction keeps every finished record; the rerun asks only for the rest."""
+@pytest.mark.parametrize("signal_number, ignore_sigint", [
+    (signal.SIGINT, False), (signal.SIGINT, True), (signal.SIGTERM, False), (signal.SIGKILL, False),
+], ids=["SIGINT", "SIGINT-in-background-job", "SIGTERM", "SIGKILL"])
+def test_cli_interrupted_run_loses_nothing(tmp_path, signal_number, ignore_sigint, monkeypatch):
+    """Ctrl-C, SIGTERM or kill during extraction keeps every finished record; the rerun asks only for the rest.
+
+    SIGINT and SIGTERM end the run within seconds with the resume message, also when the process inherited
+    SIGINT as ignored (a background job of a script): it used to keep working then, ~30 s per request here.
+    """
     sessions = synthesize_sessions(8, seed=6)
     write_jsonl(tmp_path / "raw.jsonl", sessions)
     samples = [s for session in sessions for s in split_session(session)]
     replies = oracle_replies(samples)
     out = tmp_path / "out"
-    args = [sys.executable, "-m", "l2a.data", "prepare", "--train-raw", str(tmp_path / "raw.jsonl"),
-            "--test-fraction", "0.25", "--out", str(out), "--model", "m", "--concurrency", "1"]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OPENAI_API_KEY": "k"}
+    args = python("-m", "l2a.data", "prepare", "--train-raw", str(tmp_path / "raw.jsonl"),
+                  "--test-fraction", "0.25", "--out", str(out), "--model", "m", "--concurrency", "1")
     answered = []
 
     def first_four_then_hang(request):  # so the run cannot finish (and close its file) before the signal
         answered.append(request)
         return Reply(replies[future_text(request)], delay=0.05 if len(answered) <= 4 else 30)
 
-    with ChatStub(first_four_then_hang) as stub:
-        process = subprocess.Popen(args + ["--base-url", stub.base_url], cwd=REPO, env=env, text=True,
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    with ChatStub(first_four_then_hang) as stub, spawned(args + ["--base-url", stub.base_url], ignore_sigint=ignore_sigint,
+                                                          env=command_env(OPENAI_API_KEY="k")) as process:
         extracted = out / "extracted_train.jsonl"
-        deadline = time.time() + 120  # generous: on a loaded 2-core machine the start-up alone can take a while
-        while time.time() < deadline and (not extracted.exists() or extracted.read_text().count('"info_set": ["') < 3):
-            time.sleep(0.05)
-        assert extracted.exists(), "the extraction never started"
-        process.send_signal(signal_number)
-        _, stderr = process.communicate(timeout=120)
-    if signal_number == signal.SIGINT:
-        assert process.returncode == 130 and "interrupted" in stderr and "Traceback" not in stderr
-    else:
+        # generous: on a loaded 2-core machine the start-up alone can take a while
+        wait_until(lambda: extracted.exists() and extracted.read_text().count('"info_set": ["') >= 3, 120, process,
+                   "three extractions")
+        stderr, seconds = stop_and_wait(process, signal_number, within=30)
+    if signal_number == signal.SIGKILL:
         assert process.returncode == -signal.SIGKILL
+    else:
+        assert process.returncode == 128 + signal_number and seconds < 10, (process.returncode, seconds, stderr)
+        assert f"interrupted ({signal.Signals(signal_number).name}): finished extractions are saved" in stderr
+        assert "Traceback" not in stderr
     saved = read_extractions(extracted)
     assert sum(bool(info) for info in saved.values()) >= 3
     first_run = Counter(future_text(r) for r in stub.requests)

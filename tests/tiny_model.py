@@ -61,3 +61,23 @@ def make_tiny_model(out_dir: str | Path, seed: int = 0, vocab_size: int = 512, h
     model.generation_config.pad_token_id = fast.pad_token_id
     model.save_pretrained(out_dir)
     return out_dir
+
+
+def keep_float64_in_rmsnorm() -> None:
+    """Let Llama's RMSNorm compute in float64 when its input is float64 (tests only; idempotent).
+
+    transformers' ``LlamaRMSNorm`` normalises in float32 whatever the input dtype (an upcast meant for fp16),
+    which puts float32 rounding (~1e-7 relative) into a float64 model. Tests that check that two computations
+    are the *same* (packing, micro-batches, processes) run in float64 so that reordering noise is ~1e-15 on any
+    CPU, and for that every operation must be float64. For float32 and half-precision inputs the patched
+    forward is the original one, op for op.
+    """
+    from transformers.models.llama import modeling_llama
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        x = hidden_states if input_dtype == torch.float64 else hidden_states.to(torch.float32)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * x.to(input_dtype)
+
+    modeling_llama.LlamaRMSNorm.forward = forward

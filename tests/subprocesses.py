@@ -1,0 +1,78 @@
+"""Starting l2a's commands as real processes in tests, without ever leaving one behind.
+
+Each process starts in a session of its own, and on leaving ``spawned`` (normally, on a failed assertion or
+on a timeout) the whole process group is killed: the command and anything it started (vLLM engine processes,
+``accelerate launch`` workers).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def command_env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO), **extra}
+
+
+@contextlib.contextmanager
+def spawned(args: list[str], *, ignore_sigint: bool = False, env: dict[str, str] | None = None, **popen):
+    """``subprocess.Popen(args)`` in its own process group, killed with its children on the way out.
+
+    ``ignore_sigint``: start it with SIGINT ignored, as a background job of a non-interactive shell (``cmd &``
+    in a script, many CI runners) inherits it.
+    """
+    def start_new_group() -> None:
+        os.setsid()
+        if ignore_sigint:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    process = subprocess.Popen(args, cwd=REPO, env=env or command_env(), preexec_fn=start_new_group, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
+    try:
+        yield process
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+
+
+def run_to_end(args: list[str], timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    """Run a command to its end (or kill it and its children after ``timeout`` seconds)."""
+    with spawned(args, **kwargs) as process:
+        stdout, stderr = process.communicate(timeout=timeout)
+        return subprocess.CompletedProcess(args, process.returncode, stdout, stderr)
+
+
+def python(*args: str) -> list[str]:
+    return [sys.executable, *args]
+
+
+def stop_and_wait(process: subprocess.Popen, signum: int, within: float) -> tuple[str, float]:
+    """Send ``signum``; return (stderr, seconds until the process ended). Fails if it takes over ``within`` s."""
+    started = time.monotonic()
+    process.send_signal(signum)
+    try:
+        _, stderr = process.communicate(timeout=within)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"the process did not end within {within} s of {signal.Signals(signum).name}") from None
+    return stderr, time.monotonic() - started
+
+
+def wait_until(condition, timeout: float, process: subprocess.Popen | None = None, what: str = "condition") -> None:
+    """Poll ``condition()`` every 50 ms; fail after ``timeout`` s or if ``process`` ends first."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"the process ended (exit {process.returncode}) before {what}: "
+                                 f"{process.stderr.read()[-3000:]}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
