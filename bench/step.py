@@ -26,8 +26,9 @@ from l2a.data import load_samples  # noqa: E402
 from l2a.grpo import group_advantages, grpo_loss, token_logprobs
 from l2a.model import EMBEDDED_DEFAULT, load_model, load_tokenizer
 from l2a.prompts import policy_messages
-from l2a.reward import RubricJudge, score_responses
-from l2a.rollout import HFEngine, SamplingConfig, completion_logits, pack_completions
+from l2a.judges import RubricJudge, score_responses
+from l2a.logprobs import completion_logits, pack_completions
+from l2a.rollout import HFEngine, SamplingConfig
 
 
 def main() -> None:

@@ -125,6 +125,8 @@ def l2a_worker(conn, settings: Settings) -> None:
     import train
     from l2a.data import load_samples
     from l2a.grpo import group_advantages
+    from l2a.judges import TRAINING_GRADER, make_judge, score_responses
+    from l2a.local_policy import LocalPolicy
     from l2a.prompts import policy_messages
     from l2a.rollout import SamplingConfig
 
@@ -135,8 +137,13 @@ def l2a_worker(conn, settings: Settings) -> None:
                        micro_batch_size=settings.prompts * settings.group_size, seed=settings.seed, eval_every=0)
     train.set_seed(cfg.seed)
     samples = load_samples(cfg.train_file)
-    judge = train.make_judge(cfg)
-    policy = train.LocalPolicy(cfg, Accelerator(cpu=True), None)
+    judge = make_judge(cfg.judge, sampling=TRAINING_GRADER)
+    policy = LocalPolicy(cfg, Accelerator(cpu=True), None)
+
+    def score(batch, completions):
+        answered = [batch[c.prompt_index] for c in completions]
+        return [s.reward for s in score_responses(judge, answered, [c.text for c in completions])]
+
     timeline = Timeline()
     conn.send(("ready", rss_mb()))
 
@@ -151,7 +158,7 @@ def l2a_worker(conn, settings: Settings) -> None:
     assert command == "parity"
     move_away_from_reference(policy.model, cfg.kl_coef)
     batch, completions = rollouts(0, seed=12345)
-    rewards = torch.tensor([r.total for r in train.score(judge, batch, completions, cfg)])
+    rewards = torch.tensor([r.total for r in score(batch, completions)])
     advantages = group_advantages(rewards, cfg.group_size, eps=TRL_ADVANTAGE_EPS)
     num_tokens = sum(len(c.token_ids) for c in completions)
     loss, sums, _ = policy.micro_batch_loss(completions, advantages, num_tokens)
@@ -180,7 +187,7 @@ def l2a_worker(conn, settings: Settings) -> None:
             with timeline.span("generate"):
                 batch, completions = rollouts(step, seed=cfg.seed * 1_000_003 + step * 1_009)
             with timeline.span("reward"):
-                rewards = train.score(judge, batch, completions, cfg)
+                rewards = score(batch, completions)
                 advantages = group_advantages(torch.tensor([r.total for r in rewards]), cfg.group_size)
             with timeline.span("update"):
                 policy.update(completions, advantages)
@@ -231,7 +238,7 @@ def trl_worker(conn, settings: Settings) -> None:
     from l2a.data import load_samples
     from l2a.model import load_model, load_tokenizer
     from l2a.prompts import policy_messages
-    from l2a.reward import RubricJudge, score_responses
+    from l2a.judges import RubricJudge, score_responses
 
     torch.set_num_threads(settings.threads)
     samples = load_samples(settings.train_file)

@@ -42,15 +42,22 @@ import openai
 from tqdm import tqdm
 
 from l2a.cli import UserError, run_command
-from l2a.endpoint import run_async
+from l2a.endpoint import (
+    EndpointRefused,
+    RequestFailed,
+    api_key,
+    chat,
+    first_choice_text,
+    run_async,
+)
 from l2a.prompts import extraction_messages
+from l2a.reward import DECISIONS
 from l2a.synthetic import synthesize_sessions
 
 log = logging.getLogger(__name__)
 
 ROLES = ("user", "assistant")
 CONTEXTS = ("full", "round")
-DECISIONS = ("continue", "stop")
 SAMPLE_KEYS = ("cid", "session_id", "diagn", "messages", "decision_truth", "info_truth")
 
 
@@ -60,10 +67,6 @@ class DataError(UserError):
 
 class ExtractionFailed(Exception):
     """Every attempt to extract one sample's facts failed; the message is short and safe to store."""
-
-
-class EndpointRejected(UserError):
-    """The endpoint refused us (wrong key, model or URL): no retry and no other sample can succeed."""
 
 
 class ExtractionIncomplete(UserError):
@@ -295,8 +298,8 @@ class LLMExtractor:
     """Asks an LLM behind any OpenAI-compatible endpoint which facts a consultation's future elicits.
 
     Retries, with exponential backoff (``retry_delay`` * 1, 2, 4, ... seconds), on HTTP errors, timeouts and
-    unparsable replies; after ``max_retries`` retries it raises ExtractionFailed. A rejected key, model or
-    URL (HTTP 401/403/404) raises EndpointRejected at once, since it would fail every sample alike.
+    unparsable replies (``l2a.endpoint.chat``); after ``max_retries`` retries it raises ExtractionFailed. A rejected
+    key, model or URL (HTTP 401/403/404) raises EndpointRefused at once, since it would fail every sample alike.
     Give the client ``max_retries=0`` so that this retry loop is the only one.
     """
 
@@ -310,30 +313,16 @@ class LLMExtractor:
         self.retry_delay = retry_delay
 
     async def __call__(self, remaining: list[dict]) -> list[str]:
-        error: Exception | None = None
-        for attempt in range(self.max_retries + 1):
-            if attempt:
-                await asyncio.sleep(self.retry_delay * 2 ** (attempt - 1))
-            try:
-                response = await self.client.chat.completions.create(
-                    model=self.model,
-                    messages=extraction_messages(remaining),
-                    temperature=self.temperature,
-                    max_tokens=self.max_tokens,
-                )
-                return parse_info_list(response.choices[0].message.content if response.choices else None)
-            except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError) as err:
-                raise EndpointRejected(f"the endpoint rejected the request ({self._describe(err)}); check --base-url, "
-                                   "--model and the API key variable") from None
-            except (openai.APIError, ValueError) as err:  # HTTP error, timeout, connection, bad reply
-                error = err
-        raise ExtractionFailed(self._describe(error))
+        try:
+            return await chat(self.client, self.model, extraction_messages(remaining), _info_list, what="extraction",
+                              max_retries=self.max_retries, backoff=self.retry_delay, temperature=self.temperature,
+                              max_tokens=self.max_tokens)
+        except RequestFailed as failure:
+            raise ExtractionFailed(_clip(str(failure), 200)) from None
 
-    def _describe(self, error: Exception | None) -> str:
-        """A short description of an error, with the API key blanked out should a server echo it."""
-        text = _clip(f"{type(error).__name__}: {error}", 200)
-        key = self.client.api_key
-        return text.replace(key, "***") if key else text
+
+def _info_list(completion) -> list[str]:
+    return parse_info_list(first_choice_text(completion) or None)
 
 
 def oracle_facts(remaining: list[dict]) -> list[str]:
@@ -421,7 +410,7 @@ async def extract_all(samples: list[dict], extractor: Extractor, path: str | Pat
             async with asyncio.TaskGroup() as group:  # on an error, cancels the rest before the file closes
                 for sample in todo:
                     group.create_task(settle(sample))
-        except* EndpointRejected as rejected:
+        except* EndpointRefused as rejected:
             raise rejected.exceptions[0] from None
     return {sample["cid"]: results.get(sample["cid"]) for sample in samples}
 
@@ -508,7 +497,7 @@ def _synth(args: argparse.Namespace) -> None:
 
 
 async def _extract_parts(samples: dict[str, list[dict]], args: argparse.Namespace,
-                         api_key: str | None) -> dict[str, dict[str, list[str] | None]]:
+                         key: str | None) -> dict[str, dict[str, list[str] | None]]:
     """Run extraction for each part into ``OUT/extracted_<part>.jsonl`` (one file per part: the train and
     test raw files may reuse session ids, hence cids)."""
     async def run(extractor: Extractor) -> dict[str, dict[str, list[str] | None]]:
@@ -517,14 +506,15 @@ async def _extract_parts(samples: dict[str, list[dict]], args: argparse.Namespac
 
     if args.extractor == "oracle":
         return await run(oracle_extractor)
-    async with openai.AsyncOpenAI(base_url=args.base_url, api_key=api_key, timeout=args.timeout,
+    async with openai.AsyncOpenAI(base_url=args.base_url, api_key=key, timeout=args.timeout,
                                   max_retries=0) as client:
         return await run(LLMExtractor(client, args.model, temperature=args.temperature,
                                       max_tokens=args.max_tokens, max_retries=args.max_retries,
                                       retry_delay=args.retry_delay))
 
 
-def _prepare(args: argparse.Namespace, api_key: str | None) -> None:
+def _prepare(args: argparse.Namespace) -> None:
+    key = None if args.extractor == "oracle" else api_key(args.api_key_env, "--extractor openai (see --api-key-env)")
     train = _load_raw(args.train_raw, args.skip_bad)
     if args.test_raw:
         test = _load_raw(args.test_raw, args.skip_bad)
@@ -535,7 +525,7 @@ def _prepare(args: argparse.Namespace, api_key: str | None) -> None:
         train, test = split_by_session(train, args.test_fraction, args.seed)
     sessions = {"train": train, "test": test}
     samples = {name: _split_all(part, args.context) for name, part in sessions.items()}
-    info_sets = run_async(_extract_parts(samples, args, api_key))
+    info_sets = run_async(_extract_parts(samples, args, key))
     # Build both parts before writing either, so a refusal leaves no half-updated output.
     built = {name: build_dataset(samples[name], info_sets[name], args.drop_failed) for name in sessions}
     for name, (records, counts) in built.items():
@@ -596,21 +586,14 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _api_key(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str | None:
-    """Check prepare's arguments before any work; return the API key (None for the oracle)."""
+def _check_prepare_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Check prepare's arguments before any work."""
     if args.test_fraction is not None and not 0 < args.test_fraction < 1:
         parser.error("--test-fraction must be between 0 and 1")
     if args.concurrency < 1 or args.max_retries < 0:
         parser.error("--concurrency must be at least 1 and --max-retries at least 0")
-    if args.extractor == "oracle":
-        return None
-    if not args.base_url or not args.model:
+    if args.extractor == "openai" and (not args.base_url or not args.model):
         parser.error("--extractor openai needs --base-url and --model")
-    api_key = os.environ.get(args.api_key_env)
-    if not api_key:
-        parser.error(f"environment variable {args.api_key_env} (named by --api-key-env) is not set or empty; "
-                     "it must hold the API key for --base-url")
-    return api_key
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -618,9 +601,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "synth" and not 0 < args.test_fraction < 1:
         parser.error("--test-fraction must be between 0 and 1")
-    api_key = _api_key(parser, args) if args.command == "prepare" else None
+    if args.command == "prepare":
+        _check_prepare_args(parser, args)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
-    work = (lambda: _synth(args)) if args.command == "synth" else (lambda: _prepare(args, api_key))
+    work = (lambda: _synth(args)) if args.command == "synth" else (lambda: _prepare(args))
     return run_command(work, resume_hint="finished extractions are saved; rerun the same command to resume")
 
 

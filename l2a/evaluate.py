@@ -26,9 +26,9 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Protocol, Sequence
+from typing import TYPE_CHECKING, Callable, Protocol, Sequence
 
 import matplotlib
 
@@ -39,28 +39,24 @@ from tqdm import tqdm  # noqa: E402
 
 from l2a.cli import UserError, run_command  # noqa: E402
 from l2a.data import DataError, load_samples, repair_incomplete_tail  # noqa: E402
-from l2a.endpoint import run_async  # noqa: E402
-from l2a.prompts import policy_messages  # noqa: E402
-from l2a.reward import (  # noqa: E402
-    DECISIONS, OpenAIJudge, RubricJudge, ScoredResponse, fuse, needs_grade, predicted_decision, score_responses,
+from l2a.endpoint import RequestFailed, api_key, chat, run_async  # noqa: E402
+from l2a.judges import EVALUATION_GRADER, GraderSampling, make_judge, score_responses  # noqa: E402
+from l2a.metrics import (  # noqa: E402
+    METRIC_KEYS,
+    METRICS,
+    compute_metrics,
+    count_pairs,
+    grade_entry,
+    judge_failed,
 )
+from l2a.prompts import policy_messages  # noqa: E402
+from l2a.reward import DECISIONS  # noqa: E402
 
 if TYPE_CHECKING:  # l2a.model and l2a.rollout import torch: loaded only when a run needs them (not for `compare`)
     from l2a.rollout import SamplingConfig
 
 log = logging.getLogger(__name__)
 
-METRICS = (  # key in metrics.json -> name in the paper's table (AgentScope README)
-    ("ave_continue_content", "Avg. continue content"),
-    ("win_continue_content", "Win rate (continue content)"),
-    ("ave_continue_decision", "Avg. continue decision accuracy"),
-    ("ave_stop_decision", "Avg. stop decision accuracy"),
-    ("ave_total_decision", "Total decision accuracy"),
-    ("ave_total_format", "Response format quality"),
-    ("ave_total_reward", "Total reward"),
-)
-METRIC_KEYS = tuple(key for key, _ in METRICS)
-COUNTS = ("samples", "rollouts", "continue_pairs", "stop_pairs", "judge_failures", "skipped_pairs")
 
 ROLLOUTS_FILE, GRADED_FILE, SETTINGS_FILE = "rollouts.jsonl", "graded.jsonl", "settings.json"
 
@@ -222,41 +218,33 @@ class EndpointPolicy:
         ) as client:
 
             async def one_sample(position: int, sample: dict) -> None:
-                chat = policy_messages(sample["messages"])
+                messages = policy_messages(sample["messages"])
                 sizes = [n] if self.n_choices else [1] * n
-                answers = await asyncio.gather(*(self._request(client, semaphore, chat, k) for k in sizes))
+                answers = await asyncio.gather(*(self._request(client, semaphore, messages, k) for k in sizes))
                 if all(a is not None for a in answers):
                     on_done(position, [text for texts, _ in answers for text in texts], sum(t for _, t in answers))
 
             await asyncio.gather(*(one_sample(position, sample) for position, sample in items))
 
-    async def _request(self, client: openai.AsyncOpenAI, semaphore: asyncio.Semaphore, chat: list[dict],
+    async def _request(self, client: openai.AsyncOpenAI, slots: asyncio.Semaphore, messages: list[dict],
                        n: int) -> tuple[list[str], int] | None:
         """``n`` responses and their completion-token count, or None when every attempt failed."""
         options = {"n": n} if n > 1 else {}
         if self.sampling.repetition_penalty != 1.0:
             options["extra_body"] = {"repetition_penalty": self.sampling.repetition_penalty}
-        for attempt in range(1 + self.max_retries):
-            if attempt:
-                await asyncio.sleep(self.backoff * 2 ** (attempt - 1))
-            async with semaphore:
-                try:
-                    reply = await client.chat.completions.create(
-                        model=self.model, messages=chat, temperature=self.sampling.temperature,
-                        top_p=self.sampling.top_p, max_tokens=self.sampling.max_new_tokens, **options,
-                    )
-                except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError) as err:
-                    raise EvalError(f"policy endpoint {self.base_url} (model {self.model!r}) refused the request: "
-                                    f"{err}. Check --policy-url, --policy-model and the API key.") from None
-                except openai.APIError as err:  # timeouts, connection errors, 429, 5xx: worth another try
-                    problem = f"{type(err).__name__}: {err}"
-                else:
-                    texts = [choice.message.content or "" for choice in reply.choices]
-                    if len(texts) == n:
-                        return texts, reply.usage.completion_tokens if reply.usage else 0
-                    problem = f"{len(texts)} choices for n={n}"
-            log.warning("policy request attempt %d/%d failed: %s", attempt + 1, 1 + self.max_retries, problem)
-        return None
+
+        def answers(reply) -> tuple[list[str], int]:
+            texts = [choice.message.content or "" for choice in reply.choices]
+            if len(texts) != n:
+                raise ValueError(f"{len(texts)} choices for n={n}")
+            return texts, reply.usage.completion_tokens if reply.usage else 0
+
+        try:
+            return await chat(client, self.model, messages, answers, what="policy request", max_retries=self.max_retries,
+                              backoff=self.backoff, slots=slots, temperature=self.sampling.temperature,
+                              top_p=self.sampling.top_p, max_tokens=self.sampling.max_new_tokens, **options)
+        except RequestFailed:
+            return None
 
 
 @dataclass
@@ -306,29 +294,6 @@ def run_rollouts(samples: list[dict], make_policy: Callable[[], Policy], n: int,
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def grade_entry(response: str, decision_truth: str, scored: ScoredResponse) -> dict:
-    """The reference's grade record ``{think, action_score, format_score, content_score}`` of one rollout.
-
-    Only a correct "continue" asks the judge; a judge failure there gets null scores (skipped by the metrics,
-    counted as a judge failure, and retried by the next run).
-    """
-    reward, grade = scored.reward, scored.grade
-    if needs_grade(response, decision_truth):
-        if grade is None:
-            return {"think": "judge failed", "action_score": 1.0, "format_score": None, "content_score": None}
-        think = grade.think
-    elif reward.action:
-        think = "correct stop (no judge needed)"
-    else:
-        think = f"wrong decision: {predicted_decision(response)} instead of {decision_truth} (no judge needed)"
-    return {"think": think, "action_score": reward.action, "format_score": reward.format,
-            "content_score": reward.content}
-
-
-def _judge_failed(grade: dict) -> bool:
-    return grade.get("format_score") is None or grade.get("content_score") is None
-
-
 def run_grading(rollout_records: list[dict], judge, path: Path, batch_size: int = 16) -> tuple[list[dict], StageStats]:
     """Stage 2: ``{**record, "grades": [...]}`` aligned with ``rollouts``, resuming from ``path``.
 
@@ -340,7 +305,7 @@ def run_grading(rollout_records: list[dict], judge, path: Path, batch_size: int 
         saved = done.get(record["cid"])
         if saved is None or saved["rollouts"] != record["rollouts"]:
             return False
-        return not any(_judge_failed(grade) for grade in saved["grades"])
+        return not any(judge_failed(grade) for grade in saved["grades"])
 
     todo = [r for r in rollout_records if not finished(r)]
     stats = StageStats()
@@ -350,10 +315,7 @@ def run_grading(rollout_records: list[dict], judge, path: Path, batch_size: int 
             batch = todo[begin : begin + batch_size]
             samples = [record for record in batch for _ in record["rollouts"]]
             responses = [response for record in batch for response in record["rollouts"]]
-            try:
-                scored = score_responses(judge, samples, responses)  # one judge batch for the whole chunk
-            except RuntimeError as err:  # the judge endpoint refused us: a configuration error
-                raise EvalError(str(err)) from None
+            scored = score_responses(judge, samples, responses)  # one judge batch for the whole chunk
             for record in batch:
                 mine, scored = scored[: len(record["rollouts"])], scored[len(record["rollouts"]) :]
                 grades = [grade_entry(r, record["decision_truth"], s) for r, s in zip(record["rollouts"], mine)]
@@ -369,58 +331,6 @@ def run_grading(rollout_records: list[dict], judge, path: Path, batch_size: int 
 # ---------------------------------------------------------------------------------------------------------------
 # Stage 3: metrics
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def _scores(grade: dict) -> tuple[float, float, float] | None:
-    """(action, content, format) of a grade, or None if any is missing or not a finite number (pair skipped)."""
-    values = (grade.get("action_score"), grade.get("content_score"), grade.get("format_score"))
-    if all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
-        return tuple(float(v) for v in values)
-    return None
-
-
-def _mean(values: Iterable[float]) -> float | None:
-    values = list(values)
-    return sum(values) / len(values) if values else None
-
-
-def compute_metrics(records: Iterable[dict]) -> dict[str, float | None]:
-    """The paper's seven metrics over all (rollout, grade) pairs of graded records (spec section 8).
-
-    Pairs of "continue" samples form C, of "stop" samples S. Content and its win rate are averaged over C
-    (a wrong stop counts as content 0), format and reward over all pairs. The total reward always uses the default
-    fusion ``action * (1 + 2 content) + format``, whatever the train mode. Pairs with a missing or NaN score are
-    skipped, as in the reference; a metric without any pair is None.
-    """
-    continues, stops = [], []
-    for record in records:
-        pairs = continues if record["decision_truth"] == "continue" else stops
-        pairs.extend(s for s in map(_scores, record["grades"]) if s is not None)
-    every = continues + stops
-    return {
-        "ave_continue_content": _mean(content for _, content, _ in continues),
-        "win_continue_content": _mean(float(content == 1.0) for _, content, _ in continues),
-        "ave_continue_decision": _mean(action for action, _, _ in continues),
-        "ave_stop_decision": _mean(action for action, _, _ in stops),
-        "ave_total_decision": _mean(action for action, _, _ in every),
-        "ave_total_format": _mean(format for _, _, format in every),
-        "ave_total_reward": _mean(fuse(action, content, format) for action, content, format in every),
-    }
-
-
-def count_pairs(records: Iterable[dict]) -> dict[str, int]:
-    """How many samples, rollouts and usable continue/stop pairs the metrics rest on, and how many were skipped."""
-    counts = dict.fromkeys(COUNTS, 0)
-    for record in records:
-        counts["samples"] += 1
-        counts["rollouts"] += len(record["grades"])
-        for grade in record["grades"]:
-            if _scores(grade) is None:
-                counts["skipped_pairs"] += 1
-                counts["judge_failures"] += _judge_failed(grade)
-            else:
-                counts[f"{record['decision_truth']}_pairs"] += 1
-    return counts
 
 
 def load_result(path: str | Path) -> dict:
@@ -504,25 +414,19 @@ def write_report(results: Sequence[dict], md_path: Path, png_path: Path) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _api_key(env: str, flag: str) -> str:
-    key = os.environ.get(env)
-    if not key:
-        raise EvalError(f"{flag} needs an API key in the environment variable {env} "
-                        f"(for a local server without a key: export {env}=EMPTY)")
-    return key
-
-
 def _first_line(err: Exception) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 def make_policy(args: argparse.Namespace, sampling: SamplingConfig) -> Policy:
     if args.policy_url:
-        key = _api_key(args.policy_api_key_env, "--policy-url")
+        key = api_key(args.policy_api_key_env, "--policy-url")
         return EndpointPolicy(args.policy_url, args.policy_model, key, sampling, args.policy_concurrency,
                               args.policy_retries, args.policy_timeout, args.policy_n_choices)
     if args.engine == "vllm":
-        from l2a.vllm_engine import VLLMEngine  # imports vllm only when the engine starts
+        from l2a.vllm_engine import (
+            VLLMEngine,  # imports vllm only when the engine starts
+        )
 
         try:
             engine = VLLMEngine(args.model, max_model_len=args.max_model_len, seed=args.seed)
@@ -554,14 +458,6 @@ def make_policy(args: argparse.Namespace, sampling: SamplingConfig) -> Policy:
         raise EvalError(f"--model {args.model}: cannot load it as a Hugging Face checkpoint "
                         f"({_first_line(err)})") from None
     return EnginePolicy(HFEngine(model, tokenizer, batch_size=args.batch_size * args.n), sampling, args.batch_size)
-
-
-def make_judge(args: argparse.Namespace):
-    if args.judge == "rubric":
-        return RubricJudge()
-    return OpenAIJudge(args.judge_url, args.judge_model, api_key_env=args.judge_api_key_env,
-                       temperature=args.judge_temperature, max_tokens=args.judge_max_tokens,
-                       timeout=args.judge_timeout, max_retries=args.judge_retries, concurrency=args.judge_concurrency)
 
 
 def run_parser() -> argparse.ArgumentParser:
@@ -610,8 +506,13 @@ def run_parser() -> argparse.ArgumentParser:
     g.add_argument("--judge-model", default="Qwen/Qwen2.5-32B-Instruct", help="Grader model name.")
     g.add_argument("--judge-api-key-env", default="OPENAI_API_KEY",
                    help="Environment variable with the judge's API key (required with --judge openai).")
-    g.add_argument("--judge-temperature", type=float, default=1.0, help="The reference grades at temperature 1.0.")
-    g.add_argument("--judge-max-tokens", type=int, default=512, help="Grader answer length limit in tokens.")
+    g.add_argument("--judge-temperature", type=float, default=EVALUATION_GRADER.temperature,
+                   help="Grader sampling; the defaults are the reference evaluation's (the policy's own settings).")
+    g.add_argument("--judge-top-p", type=float, default=EVALUATION_GRADER.top_p, help="Grader nucleus threshold.")
+    g.add_argument("--judge-repetition-penalty", type=float, default=EVALUATION_GRADER.repetition_penalty,
+                   help="Grader repetition penalty (a vLLM extension field; 1.0 for APIs without it).")
+    g.add_argument("--judge-max-tokens", type=int, default=EVALUATION_GRADER.max_tokens,
+                   help="Grader answer length limit in tokens.")
     g.add_argument("--judge-concurrency", type=int, default=16, help="Judge requests in flight at once.")
     g.add_argument("--judge-retries", type=int, default=3, help="Retries of a failed grader request.")
     g.add_argument("--judge-timeout", type=float, default=60.0, help="Seconds per grader request.")
@@ -642,6 +543,11 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
     args.model = args.model or (None if args.policy_url else EMBEDDED_DEFAULT)
 
 
+def grader_sampling(args: argparse.Namespace) -> GraderSampling:
+    return GraderSampling(temperature=args.judge_temperature, max_tokens=args.judge_max_tokens, top_p=args.judge_top_p,
+                          repetition_penalty=args.judge_repetition_penalty)
+
+
 def settings_of(args: argparse.Namespace) -> dict[str, dict]:
     """What each stage's results depend on (see ``check_settings``)."""
     if args.policy_url:
@@ -657,7 +563,7 @@ def settings_of(args: argparse.Namespace) -> dict[str, dict]:
     grading = {"judge": args.judge}
     if args.judge == "openai":
         grading |= {"judge_url": args.judge_url, "judge_model": args.judge_model,
-                    "judge_temperature": args.judge_temperature, "judge_max_tokens": args.judge_max_tokens}
+                    **{f"judge_{k}": v for k, v in asdict(grader_sampling(args)).items()}}
     return {"rollouts": rollouts, "grading": grading}
 
 
@@ -674,13 +580,13 @@ def run(args: argparse.Namespace) -> dict:
     columns = [load_result(path) for path in args.compare]  # fail on a bad file before any long work
     settings = settings_of(args)
     check_settings(out, settings)
-    if args.judge == "openai":
-        _api_key(args.judge_api_key_env, "--judge openai")
     sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                               repetition_penalty=args.repetition_penalty, seed=args.seed)
 
     rollouts, rollout_stats = run_rollouts(samples, lambda: make_policy(args, sampling), args.n, out / ROLLOUTS_FILE)
-    graded, grading_stats = run_grading(rollouts, make_judge(args), out / GRADED_FILE, args.judge_concurrency)
+    judge = make_judge(args.judge, args.judge_url, args.judge_model, args.judge_api_key_env, grader_sampling(args),
+                       args.judge_concurrency, args.judge_timeout, args.judge_retries)
+    graded, grading_stats = run_grading(rollouts, judge, out / GRADED_FILE, args.judge_concurrency)
 
     speed = f"{rollout_stats.tokens / rollout_stats.seconds:.1f} tok/s" if rollout_stats.seconds else "n/a"
     timing = {"rollout_seconds": round(rollout_stats.seconds, 2), "load_seconds": round(rollout_stats.load_seconds, 2),

@@ -20,11 +20,16 @@ expected; a zero gradient is a bug.
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 
-ADVANTAGE_SCALES = ("group", "batch", "none")
-KL_ESTIMATORS = ("k1", "k2", "k3")
-LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+AdvantageScale = Literal["group", "batch", "none"]
+KLEstimator = Literal["k1", "k2", "k3"]
+LossAggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
+ADVANTAGE_SCALES: tuple[str, ...] = get_args(AdvantageScale)
+KL_ESTIMATORS: tuple[str, ...] = get_args(KLEstimator)
+LOSS_AGGREGATIONS: tuple[str, ...] = get_args(LossAggregation)
 
 
 def group_advantages(

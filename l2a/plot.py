@@ -13,8 +13,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 PANELS = [
     ("Reward (train rollouts)", ["reward", "eval/reward"]),
-    ("Reward parts", ["reward_action", "reward_content", "reward_format"]),
-    ("Decision accuracy", ["decision_accuracy", "eval/decision_accuracy", "eval/stop_accuracy", "eval/continue_accuracy"]),
+    ("Reward parts", ["decision_accuracy", "reward_content", "reward_format"]),
+    ("Held-out decision accuracy", ["eval/decision_accuracy", "eval/stop_accuracy", "eval/continue_accuracy"]),
     ("Policy", ["entropy", "kl_mean", "clip_low_frac", "clip_high_frac"]),
     ("Completion length (tokens)", ["completion_length"]),
     ("Seconds per phase", ["time/generate", "time/judge", "time/train"]),

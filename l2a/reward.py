@@ -4,48 +4,32 @@ For a policy response r to a sample with labels (``decision_truth``, ``info_trut
 
     R = R_s * (1 + beta * R_a) + P,     beta = 2
 
-- ``action``  = R_s, the *macro* reward: 1 if the stop/continue decision is right, else 0. The predicted
-  decision is "stop" iff ``<stop />`` occurs anywhere in r. Careful: "action" here is the reference code's
-  name for the stop/continue decision (the paper's s_t), NOT the paper's action a_t (the question).
+- ``decision`` = R_s, the *macro* reward: 1 if the stop/continue decision is right, else 0. The predicted
+  decision is "stop" iff ``<stop />`` occurs anywhere in r. (The reference code calls it ``action_score``;
+  it is the paper's state assessment s_t, not its action a_t, the question.)
 - ``content`` = R_a, the *micro* reward: how useful the question is for eliciting the target facts I*
-  (``info_truth``), graded 1 / 0.5 / 0 by a judge.
+  (``info_truth``), graded 1 / 0.5 / 0 by a judge (``l2a.judges``).
 - ``format``  = P, the format term: 1 / 0.5 / 0 for one / two / three-or-more questions, graded by the judge.
 
 A wrong decision zeroes all three terms. A correct stop needs no judge: content 1, and format 1 only if
 r is exactly ``<stop />`` (no stripping, so a trailing newline costs the format point). Only a correct
 "continue" asks the judge (``needs_grade``).
-
-Judges (all behind the async, batched ``Judge`` protocol):
-- ``OpenAIJudge``: an LLM grader behind any OpenAI-compatible endpoint (the paper's setting);
-- ``RubricJudge``: a deterministic keyword version of the same rubric, so the defaults run offline.
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import math
-import os
-import re
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Literal, get_args
 
-import openai
+from l2a.prompts import STOP_TOKEN
 
-from l2a.endpoint import run_async
-from l2a.prompts import STOP_TOKEN, grader_messages
-
-log = logging.getLogger(__name__)
-
-TRAIN_MODES = ("Ra+Rs", "Ra", "Rs")
-FUSION_MODES = ("default", "sum")
+TrainMode = Literal["Ra+Rs", "Ra", "Rs"]
+FusionMode = Literal["default", "sum"]
+TRAIN_MODES: tuple[str, ...] = get_args(TrainMode)
+FUSION_MODES: tuple[str, ...] = get_args(FusionMode)
 DECISIONS = ("continue", "stop")
 BETA = 2.0  # weight of the content term in the multiplicative fusion (the same in every reference implementation)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Grades: what a judge returns
-# ---------------------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -63,47 +47,12 @@ class Grade:
                 raise ValueError(f"Grade.{name} must be a number in [0, 1], got {value!r}")
 
 
-def _tag(name: str) -> re.Pattern[str]:
-    # DOTALL: a grader may break a tag's content over several lines (the reference regex missed those).
-    return re.compile(rf"<{name}>(.*?)</{name}>", re.DOTALL)
-
-
-_THINK, _FORMAT, _CONTENT = _tag("think"), _tag("format_score"), _tag("content_score")
-
-
-def parse_grade(text: str) -> Grade | None:
-    """Read ``<think>``, ``<format_score>`` and ``<content_score>`` from a grader's answer.
-
-    Returns None (never raises) when a score is missing, not a number, NaN/inf or outside [0, 1]; the caller
-    decides whether to retry. If a tag occurs several times the last one wins, since a grader that quotes the
-    tags while reasoning states its verdict at the end. A missing ``<think>`` gives ``think=""``.
-    """
-    scores = []
-    for pattern in (_FORMAT, _CONTENT):
-        found = pattern.findall(text)
-        if not found:
-            return None
-        try:
-            scores.append(float(found[-1].strip()))
-        except ValueError:
-            return None
-    think = _THINK.findall(text)
-    try:
-        return Grade(scores[0], scores[1], think[0].strip() if think else "")
-    except ValueError:  # NaN, inf or out of range
-        return None
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The reward
-# ---------------------------------------------------------------------------------------------------------------
-
 
 @dataclass(frozen=True)
 class Reward:
-    """The three reward terms and their fusion. ``action`` = R_s (decision), ``content`` = R_a, ``format`` = P."""
+    """The three reward terms and their fusion: ``decision`` = R_s, ``content`` = R_a, ``format`` = P."""
 
-    action: float
+    decision: float
     content: float
     format: float
     total: float
@@ -134,7 +83,7 @@ def needs_grade(response: str, decision_truth: str) -> bool:
 
 
 def fuse(
-    action: float, content: float, format: float, train_mode: str = "Ra+Rs", fusion_mode: str = "default"
+    decision: float, content: float, format: float, train_mode: str = "Ra+Rs", fusion_mode: str = "default"
 ) -> float:
     """Combine the terms into the scalar reward (spec table 6.1); fusion_mode only matters for "Ra+Rs".
 
@@ -147,10 +96,10 @@ def fuse(
     if train_mode == "Ra":
         return BETA * content + format
     if train_mode == "Rs":
-        return (1 + BETA) * action + format
+        return (1 + BETA) * decision + format
     if fusion_mode == "sum":
-        return action + content + format
-    return action * (1 + BETA * content) + format
+        return decision + content + format
+    return decision * (1 + BETA * content) + format
 
 
 def compute_reward(
@@ -169,385 +118,12 @@ def compute_reward(
     check_modes(train_mode, fusion_mode)
     _check_decision(decision_truth)
     if predicted_decision(response) != decision_truth:
-        action = content = format = 0.0
+        decision = content = format = 0.0
     elif decision_truth == "stop":
-        action, content = 1.0, 1.0
+        decision, content = 1.0, 1.0
         format = 1.0 if response == STOP_TOKEN else 0.0  # exact match: no strip(), as in the reference code
     else:
-        action = 1.0
+        decision = 1.0
         content, format = (grade.content_score, grade.format_score) if grade is not None else (0.0, 0.0)
-    return Reward(action, content, format, fuse(action, content, format, train_mode, fusion_mode))
+    return Reward(decision, content, format, fuse(decision, content, format, train_mode, fusion_mode))
 
-
-# ---------------------------------------------------------------------------------------------------------------
-# Judges
-# ---------------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class JudgeRequest:
-    """One response to grade: the dialogue so far, the policy's response, and the target facts I*."""
-
-    messages: list[dict]
-    response: str
-    info_truth: str
-
-
-class Judge(Protocol):
-    async def grade(self, requests: list[JudgeRequest]) -> list[Grade | None]:
-        """Grade a batch; one entry per request, in order, None where no valid grade could be obtained."""
-        ...
-
-
-def grade_sync(judge: Judge, requests: list[JudgeRequest]) -> list[Grade | None]:
-    """Run ``judge.grade`` from synchronous code (training and evaluation loops)."""
-    return run_async(judge.grade(requests))
-
-
-class OpenAIJudge:
-    """An LLM grader behind any OpenAI-compatible chat endpoint (OpenAI, DashScope, a local ``vllm serve``...).
-
-    The API key is read from the environment variable ``api_key_env`` and never logged. When the variable is
-    unset the placeholder "EMPTY" is sent, which is what a local ``vllm serve`` without ``--api-key`` accepts.
-
-    Each request may be tried ``1 + max_retries`` times, with exponential backoff (``backoff``, 2x, 4x ...
-    seconds), after a timeout, a connection or HTTP error, or an answer ``parse_grade`` cannot read. When all
-    attempts fail the request's grade is None and it is counted in ``failures`` (``requests`` counts them all).
-    Authentication, permission and not-found errors are configuration mistakes that no retry fixes: they raise.
-    At most ``concurrency`` requests are in flight at once.
-    """
-
-    def __init__(
-        self,
-        base_url: str,
-        model: str,
-        api_key_env: str = "OPENAI_API_KEY",
-        temperature: float = 0.7,
-        max_tokens: int = 1024,
-        timeout: float = 60.0,
-        max_retries: int = 3,
-        concurrency: int = 16,
-        backoff: float = 1.0,
-    ) -> None:
-        self.base_url = base_url
-        self.model = model
-        self.temperature = temperature
-        self.max_tokens = max_tokens
-        self.timeout = timeout
-        self.max_retries = max_retries
-        self.concurrency = concurrency
-        self.backoff = backoff
-        self._api_key = os.environ.get(api_key_env) or "EMPTY"
-        self.requests = 0
-        self.failures = 0
-
-    async def grade(self, requests: list[JudgeRequest]) -> list[Grade | None]:
-        # Client and semaphore are made per call: both bind to the running event loop, and grade_sync starts a
-        # new loop each time. The client's own retries are off so that ours are the only ones.
-        semaphore = asyncio.Semaphore(self.concurrency)
-        async with openai.AsyncOpenAI(
-            base_url=self.base_url, api_key=self._api_key, timeout=self.timeout, max_retries=0
-        ) as client:
-            return list(await asyncio.gather(*(self._grade_one(client, semaphore, r) for r in requests)))
-
-    async def _grade_one(
-        self, client: openai.AsyncOpenAI, semaphore: asyncio.Semaphore, request: JudgeRequest
-    ) -> Grade | None:
-        self.requests += 1
-        messages = grader_messages(request.messages, request.response, request.info_truth)
-        attempts = 1 + self.max_retries
-        for attempt in range(attempts):
-            if attempt:  # back off outside the semaphore so a waiting request does not hold a slot
-                await asyncio.sleep(self.backoff * 2 ** (attempt - 1))
-            async with semaphore:
-                try:
-                    completion = await client.chat.completions.create(
-                        model=self.model,
-                        messages=messages,
-                        temperature=self.temperature,
-                        max_tokens=self.max_tokens,
-                    )
-                except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError) as err:
-                    raise RuntimeError(
-                        f"judge at {self.base_url} (model {self.model!r}) refused the request: {err}. "
-                        "Check the base URL, the model name and the API key variable."
-                    ) from err
-                except openai.APIError as err:  # timeouts, connection errors, 429, 5xx, other 4xx
-                    problem = f"{type(err).__name__}: {err}"
-                else:
-                    text = (completion.choices[0].message.content or "") if completion.choices else ""
-                    grade = parse_grade(text)
-                    if grade is not None:
-                        return grade
-                    problem = f"unreadable grader answer {text[:120]!r}"
-            log.warning("judge attempt %d/%d failed: %s", attempt + 1, attempts, problem)
-        self.failures += 1
-        return None
-
-
-# --- RubricJudge: the grader rubric as deterministic keyword rules -----------------------------------------------
-
-_STOPWORDS = frozenset(
-    """a about above after again all also am an and any are as at be been before being below between both but by
-    can could did do does doing during each few for from had has have having he her here hers him his how i if in
-    into is it its itself just me more most my no nor not now of off on once only or other our out over own same
-    she should so some such than that the their them then there these they this those through to too under until
-    up very was we were what when where which while who whom why will with would you your yours yourself yes sure
-    please ok okay hello hi thank thanks really well like get got take took make feel felt know think want need
-    let tell much many time times day days today still currently people consult consulting wait patiently
-    symptom symptoms sensation feeling b c d""".split()
-)
-"""Words that name no particular fact: function words, chat filler, answer-choice letters, and the field-like
-words "symptom"/"sensation" that many reference values share (they would make every "symptoms?" a direct hit)."""
-
-_FIELD_CUES: dict[str, tuple[str, ...]] = {
-    # Words with which a question asks about a kind of field, whatever the patient's answer (the value) is.
-    "symptom": ("other symptom", "any other", "anything else", "what else", "else", "other discomfort"),
-    "nature": ("feel like", "kind of", "type of", "sort of", "describe", "sharp", "dull", "burning", "stabbing",
-               "throbbing", "colour", "color", "thick", "thin", "watery", "dry", "texture"),
-    "location": ("where", "which part", "what part", "area", "side", "located", "location", "spread", "radiate"),
-    "severity": ("how bad", "how severe", "severe", "severity", "scale", "intense", "intensity", "mild",
-                 "moderate", "how high", "worst"),
-    "trigger": ("trigger", "worse", "worsen", "better", "bring on", "brought on", "after", "cause", "caused"),
-    "duration": ("how long", "since when", "when did", "start", "began", "begin", "onset"),
-    "frequency": ("how often", "how many times", "frequency", "often"),
-}
-
-_FIELD_CATEGORY = (  # keyword in an info_truth field name -> cue category; specific before generic
-    (("nature", "quality", "character", "type"), "nature"),
-    (("location", "site", "position"), "location"),
-    (("severity", "intensity", "degree"), "severity"),
-    (("trigger", "cause", "aggravat", "reliev"), "trigger"),
-    (("duration", "onset", "start", "time"), "duration"),
-    (("frequency",), "frequency"),
-    (("symptom",), "symptom"),
-)
-
-_GENERIC_MEDICAL = frozenset(
-    """allergy allergic allergies medication medicine drug tablet pill dose history chronic disease
-    condition illness fever temperature pain ache hurt sore swelling dizzy symptom sensation cough diarrhea vomit
-    nausea rash sleep appetite pregnant pregnancy breastfeeding age weight blood pressure diabetes heart surgery
-    treatment examination test hospital doctor prescription antibiotic infection""".split()
-)
-
-_WH_WORDS = frozenset("what when where which who whom whose why how".split())
-_AUXILIARIES = frozenset("do does did is are was were am have has had can could would will should may might".split())
-_SUBJECTS = frozenset("you it he she they there your the this that these those".split())  # not "i": "may I ask"
-_PRONOUNS = frozenset("i you he she it we they".split())
-_REQUEST_VERBS = frozenset("tell describe share confirm specify indicate rate explain".split())
-_CONTRACTIONS = ((r"can't\b", "can not"), (r"won't\b", "will not"), (r"n't\b", " not"), (r"'s\b", " is"),
-                 (r"'re\b", " are"), (r"'ve\b", " have"), (r"'ll\b", " will"), (r"'d\b", " would"),
-                 (r"'m\b", " am"))
-
-
-def _words(text: str) -> list[str]:
-    text = text.lower().replace("\u2019", "'")
-    for pattern, expansion in _CONTRACTIONS:
-        text = re.sub(pattern, expansion, text)
-    return re.findall(r"[a-z]+", text)
-
-
-def _stem(word: str) -> str:
-    """A tiny suffix stripper, enough to match "triggers"/"triggered"/"trigger" or "throbbing"/"throb"."""
-    for suffix in ("ing", "ed", "es", "s"):
-        if word.endswith(suffix) and not word.endswith("ss") and len(word) - len(suffix) >= 3:
-            word = word[: -len(suffix)]
-            break
-    if len(word) > 3 and word.endswith("e"):
-        word = word[:-1]
-    if len(word) > 3 and word[-1] == word[-2] and word[-1] not in "aeiousl":
-        word = word[:-1]
-    return word
-
-
-def _content_stems(text: str) -> set[str]:
-    return {_stem(w) for w in _words(text) if w not in _STOPWORDS}
-
-
-def _is_question_clause(words: list[str]) -> bool:
-    """Does a clause open like a question? ("how bad is it", "do you ...", "please describe ...")."""
-    if not words:
-        return False
-    first, rest = words[0], words[1:]
-    if first in _WH_WORDS:
-        # "when you cough", "what you ate", "when taking it" are subordinate clauses, not questions.
-        return not rest or not (rest[0] in _PRONOUNS or rest[0].endswith("ing"))
-    if first in _AUXILIARIES:
-        subject = rest[1:2] if rest[:1] == ["not"] else rest[:1]  # "do not you ..." from "don't you ..."
-        return bool(subject) and subject[0] in _SUBJECTS
-    if first == "please":
-        words = rest
-    return bool(words) and (words[0] in _REQUEST_VERBS or words[:3] == ["let", "me", "know"])
-
-
-def count_questions(text: str) -> int:
-    """Count the questions in a message, for the format score.
-
-    The text is cut into sentences, and each sentence into clauses at commas, semicolons, colons, "and", "or"
-    and "but". A clause is a question if it opens like one (``_is_question_clause``), so indirect requests
-    without "?" ("Please describe the pain.") count, and so do several questions packed into one sentence
-    ("Where is it, how bad is it and what makes it worse?" = 3). A sentence ending in "?" counts at least once
-    ("Any fever?"). Answer choices ("A) Yes B) No") and statements count zero.
-    """
-    total = 0
-    for sentence in re.findall(r"[^.?!\n]+[.?!]*", text):
-        clauses = re.split(r"[,;:]|\b(?:and|or|but)\b", sentence.lower())
-        questions = sum(_is_question_clause(_words(clause)) for clause in clauses)
-        total += max(questions, 1) if sentence.rstrip().endswith("?") else questions
-    return total
-
-
-def _cue_categories(text: str) -> dict[str, str]:
-    """The cue categories a text mentions, each with the first cue phrase found (matched on stemmed words)."""
-    stems = " " + " ".join(_stem(w) for w in _words(text)) + " "
-    found = {}
-    for category, phrases in _FIELD_CUES.items():
-        for phrase in phrases:
-            if " " + " ".join(_stem(w) for w in _words(phrase)) + " " in stems:
-                found[category] = phrase
-                break
-    return found
-
-
-def _field_category(field: str) -> str | None:
-    field = field.lower()
-    for keywords, category in _FIELD_CATEGORY:
-        if any(k in field for k in keywords):
-            return category
-    return None
-
-
-def parse_info_truth(info_truth: str) -> list[tuple[str, str]]:
-    """Split "field: value, field: value" into (field, value) pairs.
-
-    A comma-separated piece without a colon continues the previous value ("severity: 4-5 times, mild").
-    "", "None", "None." and "[]" mean no reference information.
-    """
-    if info_truth.strip() in ("", "None", "None.", "[]"):
-        return []
-    items: list[tuple[str, str]] = []
-    for piece in info_truth.split(","):
-        field, colon, value = piece.partition(":")
-        if colon:
-            items.append((field.strip(), value.strip()))
-        elif items:
-            items[-1] = (items[-1][0], f"{items[-1][1]}, {piece.strip()}")
-        elif piece.strip():
-            items.append(("", piece.strip()))
-    return items
-
-
-class RubricJudge:
-    """The grader rubric (spec section 5) as deterministic keyword rules: an offline stand-in for an LLM judge.
-
-    Format: 1.0 / 0.5 / 0.0 for one / two / three-or-more questions (``count_questions``); a message with no
-    question breaks the policy's one-question rule and gets 0.0 for format and content alike.
-
-    Content, matching the response against the ``info_truth`` items:
-    - 1.0 (direct): for some item, the response uses a cue word of the item's field (``_FIELD_CUES``, e.g.
-      "where" for a location) or a content word of the item's value (stemmed, stop-words removed) that the
-      patient has NOT already said. A value the patient already gave is old news: naming it again is a repeated
-      question, so it only counts as related. Cue words always count, since "how bad is your sore throat?" is a
-      direct severity question even though the sore throat is known.
-    - 0.5 (related): no direct match, but the response mentions an item's value, a word the patient used, a
-      field cue, or a generic medical term (allergy, medication, history, fever...). Also 0.5 when a direct match
-      comes with cue words of three or more field kinds: a question listing every cue is a shotgun, not a
-      direct question.
-    - 0.0: anything else, and always when ``info_truth`` is empty or "None".
-    """
-
-    async def grade(self, requests: list[JudgeRequest]) -> list[Grade | None]:
-        return [self.grade_one(r) for r in requests]
-
-    def grade_one(self, request: JudgeRequest) -> Grade:
-        n_questions = count_questions(request.response)
-        if n_questions == 0:
-            return Grade(0.0, 0.0, "no question in the message")
-        format_score = {1: 1.0, 2: 0.5}.get(n_questions, 0.0)
-        content_score, reason = self._content(request)
-        return Grade(format_score, content_score, f"{n_questions} question(s); {reason}")
-
-    @staticmethod
-    def _content(request: JudgeRequest) -> tuple[float, str]:
-        items = parse_info_truth(request.info_truth)
-        if not items:
-            return 0.0, "no reference information"
-        response_stems = _content_stems(request.response)
-        cues = _cue_categories(request.response)
-        patient_said = _content_stems(" ".join(m["content"] for m in request.messages if m["role"] == "user"))
-
-        for field, value in items:
-            category = _field_category(field)
-            new_value_words = sorted(response_stems & (_content_stems(value) - patient_said))
-            if category in cues:
-                why = f"asks about '{field}: {value}' (cue '{cues[category]}')"
-            elif new_value_words:
-                why = f"asks about '{field}: {value}' (mentions {', '.join(new_value_words)})"
-            else:
-                continue
-            if len(cues) >= 3:
-                return 0.5, f"{why}, but lists cues of {len(cues)} field kinds ({', '.join(sorted(cues))})"
-            return 1.0, why
-
-        value_stems = set().union(*(_content_stems(value) for _, value in items))
-        generic = {_stem(w) for w in _words(request.response)} & {_stem(w) for w in _GENERIC_MEDICAL}
-        related = sorted(response_stems & (value_stems | patient_said) | generic)
-        if related or cues:
-            return 0.5, f"related to the consultation ({', '.join(related or sorted(cues))}) but asks about no item"
-        return 0.0, "unrelated to the reference information"
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Scoring a batch
-# ---------------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ScoredResponse:
-    """The reward of one response and the judge's grade (None when the judge was not asked, or failed)."""
-
-    reward: Reward
-    grade: Grade | None
-
-
-def _check_samples(samples: Sequence[dict]) -> None:
-    for i, sample in enumerate(samples):
-        name = sample.get("cid", f"#{i}")
-        missing = [key for key in ("messages", "decision_truth", "info_truth") if key not in sample]
-        if missing:
-            raise ValueError(f"sample {name} lacks {missing} (needs messages, decision_truth, info_truth)")
-        if sample["decision_truth"] not in DECISIONS:
-            truth = sample["decision_truth"]
-            raise ValueError(f"sample {name}: unknown decision_truth {truth!r}; expected one of {DECISIONS}")
-
-
-def score_responses(
-    judge: Judge,
-    samples: Sequence[dict],
-    responses: Sequence[str],
-    train_mode: str = "Ra+Rs",
-    fusion_mode: str = "default",
-) -> list[ScoredResponse]:
-    """Reward ``responses[i]`` as an answer to ``samples[i]``, asking the judge (in one batch) only where needed.
-
-    Samples are dicts with ``messages``, ``decision_truth`` and ``info_truth``; for several responses per sample
-    (a GRPO group, or evaluation repeats) repeat the sample. Labels and modes are checked before any judge call.
-    """
-    if len(samples) != len(responses):
-        raise ValueError(f"{len(samples)} samples but {len(responses)} responses; pass one sample per response")
-    check_modes(train_mode, fusion_mode)
-    _check_samples(samples)
-
-    to_grade = [i for i, r in enumerate(responses) if needs_grade(r, samples[i]["decision_truth"])]
-    grades: list[Grade | None] = [None] * len(samples)
-    if to_grade:
-        batch = [JudgeRequest(samples[i]["messages"], responses[i], samples[i]["info_truth"]) for i in to_grade]
-        results = grade_sync(judge, batch)
-        if len(results) != len(batch):
-            raise RuntimeError(f"judge returned {len(results)} grades for {len(batch)} requests")
-        for i, grade in zip(to_grade, results):
-            grades[i] = grade
-    return [
-        ScoredResponse(compute_reward(response, sample["decision_truth"], grade, train_mode, fusion_mode), grade)
-        for sample, response, grade in zip(samples, responses, grades)
-    ]

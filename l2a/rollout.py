@@ -1,21 +1,18 @@
-"""Rollouts: turning chats into sampled completions, behind one small interface.
+"""Rollouts: turning chats into sampled completions. Every engine has one method:
 
     engine.generate(prompts, n, sampling) -> list[Completion]
 
 ``prompts`` are chats (lists of ``{"role", "content"}``; the caller prepends the system prompt);
 the result holds ``n`` completions per prompt, those of one prompt contiguous (the GRPO group).
-Engines: ``HFEngine`` (transformers ``generate``, runs anywhere) here; vLLM and Tinker engines
-implement the same method. This module knows models and tokenizers, not rewards.
-
-It also packs completions into tensors for the trainer (``pack_completions``) and runs the forward
-pass that yields the logits of the completion tokens only, each prompt computed once per group
-(``completion_logits``).
+Engines: ``HFEngine`` (transformers ``generate``, runs anywhere) here; ``l2a.vllm_engine.VLLMEngine``
+and ``l2a.tinker_backend.TinkerEngine`` have the same method. This module knows models and
+tokenizers, not rewards; the trainer's forward pass over completions is in ``l2a.logprobs``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import Sequence
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -48,10 +45,6 @@ class Completion:
     """"stop" (the model ended its turn) or "length" (cut at max_new_tokens)."""
     logprobs: list[float] | None = field(default=None, repr=False)
     """Sampler's log-probabilities of ``token_ids`` (engines that report them), else None."""
-
-
-class RolloutEngine(Protocol):
-    def generate(self, prompts: Sequence[list[dict]], n: int, sampling: SamplingConfig) -> list[Completion]: ...
 
 
 def encode_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> list[int]:
@@ -141,85 +134,3 @@ class HFEngine:
             reason = "length"
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
         return Completion(prompt_index, prompt_ids, tokens, text, reason)
-
-
-@dataclass
-class PackedBatch:
-    """Completions and their prompts as tensors, each distinct prompt stored once.
-
-    GRPO samples a group of completions per prompt, and the prompt (system prompt plus dialogue,
-    ~200 tokens here) is usually much longer than a completion (~30 tokens). So the forward pass runs
-    each distinct prompt once, then expands its key/value cache to the completions that continue it
-    (``prompt_of``) and runs only the completion tokens. The computation graph is the same as running
-    every prompt+completion row in full, so log-probabilities and gradients are too (tested), for a
-    fraction of the cost.
-    """
-
-    prompt_ids: torch.Tensor  # [K, P] distinct prompts, left-padded
-    prompt_mask: torch.Tensor  # [K, P] 1 on real prompt tokens
-    prompt_of: torch.Tensor  # [B] row of prompt_ids that completion b continues
-    completion_ids: torch.Tensor  # [B, C] right-padded
-    completion_mask: torch.Tensor  # [B, C] 1.0 on real completion tokens
-
-    def __len__(self) -> int:
-        return self.completion_ids.shape[0]
-
-
-def pack_completions(completions: Sequence[Completion], pad_id: int) -> PackedBatch:
-    if not completions:
-        raise ValueError("cannot pack an empty list of completions")
-    prompts: list[list[int]] = []
-    row_of: dict[tuple[int, ...], int] = {}
-    prompt_of = []
-    for c in completions:
-        key = tuple(c.prompt_ids)
-        if key not in row_of:
-            row_of[key] = len(prompts)
-            prompts.append(c.prompt_ids)
-        prompt_of.append(row_of[key])
-    prompt_len = max(len(p) for p in prompts)
-    completion_len = max(max(len(c.token_ids) for c in completions), 1)
-    return PackedBatch(
-        prompt_ids=torch.tensor([[pad_id] * (prompt_len - len(p)) + p for p in prompts]),
-        prompt_mask=torch.tensor([[0] * (prompt_len - len(p)) + [1] * len(p) for p in prompts]),
-        prompt_of=torch.tensor(prompt_of),
-        completion_ids=torch.tensor([c.token_ids + [pad_id] * (completion_len - len(c.token_ids)) for c in completions]),
-        completion_mask=torch.tensor(
-            [[1.0] * len(c.token_ids) + [0.0] * (completion_len - len(c.token_ids)) for c in completions]
-        ),
-    )
-
-
-def completion_logits(model: PreTrainedModel, batch: PackedBatch) -> torch.Tensor:
-    """Logits that predict each completion token: [B, C, V].
-
-    Two passes: (1) the distinct prompts, keeping their key/value cache and only the last position's
-    logits, which predict every completion's first token; (2) the completion tokens but the last,
-    attending to the cache copied to each completion's row. Positions count real tokens only, so a
-    left-padded prompt sees the same positions as an unpadded one. No logits are computed for prompt
-    tokens: with a ~50k vocabulary they would dominate memory.
-    """
-    prompt_positions = (batch.prompt_mask.cumsum(-1) - 1).clamp(min=0)
-    first = model(
-        input_ids=batch.prompt_ids,
-        attention_mask=batch.prompt_mask,
-        position_ids=prompt_positions,
-        logits_to_keep=1,
-        use_cache=True,
-    )
-    first_logits = first.logits[batch.prompt_of]  # [B, 1, V]
-    if batch.completion_ids.shape[1] == 1:
-        return first_logits
-    cache = first.past_key_values
-    cache.reorder_cache(batch.prompt_of)  # index_select per layer: differentiable, gradients reach pass 1
-    rest = batch.completion_ids[:, :-1]
-    prompt_lengths = batch.prompt_mask.sum(-1)[batch.prompt_of]  # [B]
-    second = model(
-        input_ids=rest,
-        # right padding only: a pad comes after every real token, so causal attention never sees it
-        attention_mask=torch.cat([batch.prompt_mask[batch.prompt_of], torch.ones_like(rest)], dim=1),
-        position_ids=prompt_lengths[:, None] + torch.arange(rest.shape[1]),
-        past_key_values=cache,
-        use_cache=True,
-    )
-    return torch.cat([first_logits, second.logits], dim=1)

@@ -48,7 +48,7 @@ Choices
 - Failures: the SDK already retries connection errors, timeouts, 408/409/429 and 5xx with exponential backoff
   (about 5 minutes for training calls, with a progress timeout for sampling), and a training client whose request
   failed refuses all further requests. So nothing here retries again: a call that still fails stops the run
-  with ``SystemExit`` naming the last good checkpoint, and ``--resume`` continues from its saved state.
+  with an ``error:`` line naming the last good checkpoint, and ``--resume`` continues from its saved state.
 - Logged per-token statistics: ``ratio_mean`` and the clip fractions come from the trainer log-probabilities
   that ``forward_backward`` returns (clip fractions are 0 for ``importance_sampling``, which has no clip);
   ``entropy`` is the sample estimate ``mean(-logp_sampler)`` (the expected surprisal is the entropy);
@@ -58,19 +58,19 @@ Choices
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import math
 import os
 import shutil
 import urllib.request
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
+from l2a.checkpoint import STATE_FILE, load_trainer_state, write_checkpoint
+from l2a.cli import UserError
 from l2a.grpo import LOSS_AGGREGATIONS
 from l2a.model import load_tokenizer
 from l2a.rollout import Completion, SamplingConfig, encode_chat, stop_token_ids
@@ -83,7 +83,6 @@ except ImportError:  # an optional dependency: only backend=tinker needs it
 log = logging.getLogger(__name__)
 
 API_KEY_ENV = "TINKER_API_KEY"
-TINKER_LOSSES = ("importance_sampling", "ppo")
 
 
 class TinkerFailure(RuntimeError):
@@ -157,9 +156,9 @@ def ppo_loss_config(clip_low: float, clip_high: float) -> dict[str, float]:
 def require_api_key() -> None:
     """Fail before any work if the key is missing. Its value is left to the SDK and never printed."""
     if tinker is None:
-        raise SystemExit("error: backend=tinker needs the Tinker SDK: pip install -r requirements-tinker.txt")
+        raise UserError("backend=tinker needs the Tinker SDK: pip install -r requirements-tinker.txt")
     if not os.environ.get(API_KEY_ENV):
-        raise SystemExit(f"error: backend=tinker needs a Tinker API key in the environment variable {API_KEY_ENV}")
+        raise UserError(f"backend=tinker needs a Tinker API key in the environment variable {API_KEY_ENV}")
 
 
 def _wait(future: Any, what: str) -> Any:
@@ -192,16 +191,16 @@ class TinkerEngine:
         if not path.startswith("tinker://"):
             state_file = Path(path) / "trainer_state.pt"
             if not state_file.is_file():
-                raise SystemExit(f"error: {path}: neither a tinker:// path nor a checkpoint directory "
+                raise UserError(f"{path}: neither a tinker:// path nor a checkpoint directory "
                                  "with trainer_state.pt")
-            sampler_path = torch.load(state_file, weights_only=False).get("tinker_sampler_path")
+            sampler_path = load_trainer_state(path).get("tinker_sampler_path")
             if sampler_path is None:
-                raise SystemExit(f"error: {state_file}: no tinker_sampler_path (not written by backend=tinker)")
+                raise UserError(f"{state_file}: no tinker_sampler_path (not written by backend=tinker)")
             path, tokenizer_source = sampler_path, tokenizer_source or str(Path(path))
         try:
             client = _wait(tinker.ServiceClient().create_sampling_client(model_path=path), f"sampler for {path}")
         except TinkerFailure as failure:
-            raise SystemExit(f"error: {failure}") from failure
+            raise UserError(str(failure)) from failure
         tokenizer = load_tokenizer(tokenizer_source) if tokenizer_source else client.get_tokenizer()
         return cls(client, tokenizer)
 
@@ -244,21 +243,8 @@ class TinkerEngine:
 # --------------------------------------------------------------------------------------------------
 
 
-def check_config(cfg) -> None:
-    """Settings the Tinker backend cannot honour, refused before any remote work (see the module docstring)."""
-    if cfg.tinker_loss_fn not in TINKER_LOSSES:
-        raise SystemExit(f"error: tinker_loss_fn must be one of {TINKER_LOSSES}, got {cfg.tinker_loss_fn!r}")
-    if cfg.loss_agg not in LOSS_AGGREGATIONS:
-        raise SystemExit(f"error: loss_agg must be one of {LOSS_AGGREGATIONS}, got {cfg.loss_agg!r}")
-    if cfg.kl_coef != 0:
-        raise SystemExit("error: backend=tinker has no KL term (its losses take no reference model): set kl_coef to 0")
-    if cfg.temperature != 1.0 or cfg.top_p != 1.0:
-        raise SystemExit("error: backend=tinker trains on untempered, untruncated log-probabilities: "
-                         f"set temperature and top_p to 1 (got {cfg.temperature} and {cfg.top_p})")
-
-
 def _stops_cleanly(method):
-    """A Tinker call that failed for good ends the run with SystemExit, naming the checkpoint to resume from."""
+    """A Tinker call that failed for good ends the run with a UserError, naming the checkpoint to resume from."""
 
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
@@ -266,7 +252,7 @@ def _stops_cleanly(method):
             return method(self, *args, **kwargs)
         except TinkerFailure as failure:
             last = self.last_checkpoint or "none yet (nothing was saved; start again)"
-            raise SystemExit(f"error: {failure}\nThe run stopped. Last good checkpoint: {last}; "
+            raise UserError(f"{failure}. The run stopped. Last good checkpoint: {last}; "
                              "continue from it with --resume.") from failure
 
     return wrapper
@@ -278,7 +264,6 @@ class TinkerPolicy:
     @_stops_cleanly
     def __init__(self, cfg, resume_from: Path | None):
         require_api_key()
-        check_config(cfg)
         self.cfg = cfg
         self.last_checkpoint = resume_from
         self.service = tinker.ServiceClient()
@@ -286,12 +271,12 @@ class TinkerPolicy:
             future = self.service.create_lora_training_client(
                 base_model=cfg.tinker_base_model, rank=cfg.lora_rank, seed=cfg.seed)
         else:
-            state_file = resume_from / "trainer_state.pt"
-            state = torch.load(state_file, weights_only=False)
+            state_file = resume_from / STATE_FILE
+            state = load_trainer_state(resume_from)
             if "tinker_state_path" not in state:
-                raise SystemExit(f"error: {state_file}: no tinker_state_path (a checkpoint of the local backend?)")
+                raise UserError(f"{state_file}: no tinker_state_path (a checkpoint of the local backend?)")
             if state["tinker_base_model"] != cfg.tinker_base_model:
-                raise SystemExit(f"error: {state_file}: trained on {state['tinker_base_model']}, "
+                raise UserError(f"{state_file}: trained on {state['tinker_base_model']}, "
                                  f"but tinker_base_model is {cfg.tinker_base_model}")
             # Weights and Adam moments: the resumed run continues as if it had never stopped.
             future = self.service.create_training_client_from_state_with_optimizer(state["tinker_state_path"])
@@ -348,21 +333,19 @@ class TinkerPolicy:
             "tinker_base_model": cfg.tinker_base_model,
             "lora_rank": cfg.lora_rank,
         }
-        out = Path(cfg.output_dir) / "checkpoints"
-        final, tmp = out / name, out / f".tmp-{name}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        torch.save({**trainer_state, **tinker_paths}, tmp / "trainer_state.pt")
-        (tmp / "l2a_config.json").write_text(json.dumps(asdict(cfg), indent=2))
-        self.tokenizer.save_pretrained(tmp)  # so evaluation needs no network for the tokenizer
-        if step == cfg.steps:
-            self._download_adapter(name, tmp / "adapter", tinker_paths["tinker_state_path"])
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)  # a checkpoint directory exists only once it is complete
-        for old in sorted(out.glob("step-*"))[: -cfg.keep_checkpoints]:
-            shutil.rmtree(old)  # the Tinker-side states stay (list them with `tinker checkpoint list`)
-        self.last_checkpoint = final
-        return final
+
+        def fill(folder: Path) -> None:
+            self.tokenizer.save_pretrained(folder)  # so evaluation needs no network for the tokenizer
+            if step == cfg.steps:
+                self._download_adapter(name, folder / "adapter", tinker_paths["tinker_state_path"])
+
+        # Pruning removes local folders only; the Tinker-side states stay (`tinker checkpoint list`).
+        self.last_checkpoint = write_checkpoint(cfg.output_dir, step, cfg, {**trainer_state, **tinker_paths}, fill,
+                                                cfg.keep_checkpoints)
+        return self.last_checkpoint
+
+    def close(self) -> None:
+        """Nothing runs here: the service holds the model."""
 
     def _download_adapter(self, name: str, dest: Path, state_path: str) -> None:
         """The LoRA adapter in Hugging Face PEFT format (``adapter_config.json``, ``adapter_model.safetensors``).

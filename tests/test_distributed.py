@@ -40,14 +40,16 @@ from pathlib import Path
 import pytest
 import torch
 from openai_stub import ChatStub
-from subprocesses import command_env, run_to_end
 from safetensors.torch import load_file
+from subprocesses import command_env, run_to_end
 from test_train import _grade, _sample
 from test_vllm_engine import needs_vllm
 
 import train
+from l2a.local_policy import LocalPolicy
+from l2a.logprobs import completion_logits, full_sequence_logits, pack_completions
 from l2a.model import load_model
-from l2a.rollout import Completion, completion_logits, pack_completions
+from l2a.rollout import Completion
 from l2a.vllm_engine import full_state_dict_items
 
 REPO = Path(__file__).resolve().parents[1]
@@ -94,13 +96,13 @@ def reference_run(tiny_model_dir, tmp_path_factory):
 def run_single(argv: list[str]) -> None:
     """train.main in this process, sampling like the workers; one thread, like each worker process
     (faster on a busy 2-core machine, where two threads mostly wait for each other)."""
-    original, threads = train.LocalPolicy.generate, torch.get_num_threads()
-    train.LocalPolicy.generate = seeded_by_prompt
+    original, threads = LocalPolicy.generate, torch.get_num_threads()
+    LocalPolicy.generate = seeded_by_prompt
     torch.set_num_threads(1)
     try:
         train.main(argv)
     finally:
-        train.LocalPolicy.generate = original
+        LocalPolicy.generate = original
         torch.set_num_threads(threads)
 
 
@@ -162,7 +164,7 @@ def test_full_sequence_logits_equal_the_shared_prompt_logits(tiny_model_dir):
                    Completion(1, [12, 13], [14, 15], "", "length")]
     batch = pack_completions(completions, pad_id=2)
     with torch.no_grad():
-        torch.testing.assert_close(train.full_sequence_logits(model, batch), completion_logits(model, batch),
+        torch.testing.assert_close(full_sequence_logits(model, batch), completion_logits(model, batch),
                                    rtol=0, atol=1e-10)
 
 
@@ -226,7 +228,7 @@ def worker(mode: str, out: Path, resume: bool, args: list[str]) -> None:
         accelerator.end_training = lambda: None
         return accelerator
 
-    real_update = train.LocalPolicy.update
+    real_update = LocalPolicy.update
 
     def update(self, completions, advantages):
         if mode == "ddp":
@@ -244,8 +246,8 @@ def worker(mode: str, out: Path, resume: bool, args: list[str]) -> None:
         return metrics
 
     train.Accelerator = make_accelerator
-    train.LocalPolicy.generate = seeded_by_prompt
-    train.LocalPolicy.update = update
+    LocalPolicy.generate = seeded_by_prompt
+    LocalPolicy.update = update
     train.main([*args, "--output_dir", str(out / "full"), "--steps", "2", "--save_every", "1"])
     if resume:
         train.main([*args, "--output_dir", str(out / "cut"), "--steps", "1"])

@@ -151,7 +151,7 @@ def check_grades_follow_the_reward(records: list[dict]) -> None:
     for record in records:
         assert len(record["grades"]) == len(record["rollouts"])
         for response, grade in zip(record["rollouts"], record["grades"]):
-            assert grade["action_score"] == compute_reward(response, record["decision_truth"], None).action
+            assert grade["action_score"] == compute_reward(response, record["decision_truth"], None).decision
 
 
 def test_tiny_model_with_rubric_judge_is_deterministic(tiny_model_dir, test_file, tmp_path, capsys):
@@ -332,9 +332,10 @@ def test_cli_subprocess(tiny_model_dir, test_file, tmp_path):
 
 def test_policy_endpoint_failures_are_retried_then_left_for_the_next_run(tmp_path):
     """A request that fails once is retried; a sample whose requests keep failing is not written, and is redone."""
+    from openai_stub import Reply
+
     from l2a.evaluate import EndpointPolicy, EvalError, run_rollouts
     from l2a.rollout import SamplingConfig
-    from openai_stub import Reply
 
     seen: set[str] = set()
 

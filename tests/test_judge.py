@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from openai_stub import ChatStub, Reply
 
-from l2a.prompts import STOP_TOKEN
-from l2a.reward import (
-    Grade,
+from l2a.endpoint import EndpointRefused
+from l2a.judges import (
+    GraderSampling,
     JudgeRequest,
     OpenAIJudge,
     RubricJudge,
@@ -23,6 +23,8 @@ from l2a.reward import (
     parse_info_truth,
     score_responses,
 )
+from l2a.prompts import STOP_TOKEN
+from l2a.reward import Grade
 
 SAMPLES = Path(__file__).resolve().parents[2] / "shared/data/realmedconv_samples"
 GOOD = "<think>one direct question</think><format_score>1.0</format_score><content_score>0.5</content_score>"
@@ -54,7 +56,7 @@ def test_openai_judge_sends_the_grader_prompt_and_keeps_order(monkeypatch):
 
     responses = ["Where does it hurt?", "How bad is it?", "Is it throbbing?"]
     with ChatStub(handler) as stub:
-        judge = judge_for(stub, temperature=0.3, max_tokens=77)
+        judge = judge_for(stub, sampling=GraderSampling(temperature=0.3, max_tokens=77))
         grades = grade_sync(judge, [request(r) for r in responses])
     assert [g.think for g in grades] == [f"doctor: {r}" for r in responses]
     assert all((g.format_score, g.content_score) == (1.0, 0.5) for g in grades)
@@ -134,7 +136,7 @@ def test_openai_judge_raises_on_configuration_errors(monkeypatch):
     monkeypatch.setenv("L2A_TEST_KEY", "sk-secret-value")
     with ChatStub(lambda body: Reply(status=401)) as stub:
         judge = judge_for(stub, api_key_env="L2A_TEST_KEY")
-        with pytest.raises(RuntimeError, match="refused") as error:
+        with pytest.raises(EndpointRefused, match="refused") as error:
             grade_sync(judge, [request("Where does it hurt?")])
     assert len(stub.requests) == 1  # no retries: a bad key stays bad
     assert stub.base_url in str(error.value) and "sk-secret-value" not in str(error.value)

@@ -6,8 +6,16 @@ from pathlib import Path
 
 import pytest
 
+from l2a.judges import parse_grade
 from l2a.prompts import STOP_TOKEN
-from l2a.reward import Grade, Reward, compute_reward, fuse, needs_grade, parse_grade, predicted_decision
+from l2a.reward import (
+    Grade,
+    Reward,
+    compute_reward,
+    fuse,
+    needs_grade,
+    predicted_decision,
+)
 
 SAMPLES = Path(__file__).resolve().parents[2] / "shared/data/realmedconv_samples"
 QUESTION = "Where is the pain? A) Ear B) Head C) Throat"
@@ -37,7 +45,7 @@ def test_correct_continue_takes_the_grade_in_every_mode(content, fmt):
     }
     for (train_mode, fusion_mode), total in expected.items():
         reward = compute_reward(QUESTION, "continue", grade, train_mode, fusion_mode)
-        assert reward == Reward(action=1.0, content=content, format=fmt, total=total)
+        assert reward == Reward(decision=1.0, content=content, format=fmt, total=total)
 
 
 @pytest.mark.parametrize("train_mode,fusion_mode", ALL_MODES)
@@ -58,7 +66,7 @@ def test_any_wrong_decision_gives_zero_even_with_a_perfect_grade(train_mode, fus
 )
 def test_correct_stop_needs_the_exact_token_for_the_format_point(train_mode, fusion_mode, exact_total, loose_total):
     exact = compute_reward(STOP_TOKEN, "stop", None, train_mode, fusion_mode)
-    assert exact == Reward(action=1.0, content=1.0, format=1.0, total=exact_total)
+    assert exact == Reward(decision=1.0, content=1.0, format=1.0, total=exact_total)
     for loose in [STOP_TOKEN + "\n", " " + STOP_TOKEN, "Enough information. " + STOP_TOKEN]:
         assert compute_reward(loose, "stop", None, train_mode, fusion_mode) == Reward(1.0, 1.0, 0.0, loose_total)
 
@@ -180,7 +188,7 @@ def test_reproduces_the_reference_evaluation_example():
         grade = parse_grade(grader_text(recorded["format_score"], recorded["content_score"], recorded["think"]))
         assert grade is not None and grade.think == recorded["think"]
         reward = compute_reward(response, example["decision_truth"], grade)
-        assert (reward.action, reward.format, reward.content) == (
+        assert (reward.decision, reward.format, reward.content) == (
             recorded["action_score"],
             recorded["format_score"],
             recorded["content_score"],

@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from l2a.grpo import token_logprobs
+from l2a.logprobs import completion_logits, pack_completions
 from l2a.model import load_model, load_tokenizer
 from l2a.prompts import policy_messages
-from l2a.rollout import Completion, HFEngine, SamplingConfig, completion_logits, encode_chat, pack_completions
+from l2a.rollout import Completion, HFEngine, SamplingConfig, encode_chat
 
 CHATS = [
     policy_messages([{"role": "user", "content": "I have a headache."}]),

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import train
+from l2a.cli import UserError
 from l2a.grpo import LOSS_AGGREGATIONS, grpo_loss
 from l2a.model import load_tokenizer
 from l2a.rollout import Completion, SamplingConfig, encode_chat
@@ -399,9 +400,9 @@ def test_resume_continues_from_the_saved_tinker_state(world, tiny_model_dir, dat
 def test_a_failed_step_stops_the_run_naming_the_last_good_checkpoint(world, tiny_model_dir, data_file, tmp_path):
     world.fail_backward_call = 2
     out = tmp_path / "run"
-    with pytest.raises(SystemExit) as stopped:
+    with pytest.raises(UserError) as stopped:
         train.main(_args(tiny_model_dir, data_file, out, "--steps", "3", "--save_every", "1", "--eval_every", "0"))
-    message = str(stopped.value.code)
+    message = str(stopped.value)
     assert "forward_backward failed: APIConnectionError" in message
     assert str(out / "checkpoints" / "step-000001") in message and "--resume" in message
     assert sorted(p.name for p in (out / "checkpoints").glob("*")) == ["step-000001"]
@@ -409,18 +410,23 @@ def test_a_failed_step_stops_the_run_naming_the_last_good_checkpoint(world, tiny
 
 def test_missing_api_key_is_a_clear_error_before_any_work(world, tiny_model_dir, data_file, tmp_path, monkeypatch):
     monkeypatch.delenv("TINKER_API_KEY")
-    with pytest.raises(SystemExit, match="TINKER_API_KEY"):
+    with pytest.raises(UserError, match="TINKER_API_KEY"):
         train.main(_args(tiny_model_dir, data_file, tmp_path / "run", "--steps", "1"))
     assert world.services == 0
 
 
 @pytest.mark.parametrize("flags,problem", [(["--kl_coef", "0.1"], "kl_coef"),
-                                           (["--temperature", "0.7"], "temperature"),
-                                           (["--tinker_loss_fn", "cispo"], "tinker_loss_fn")])
+                                           (["--temperature", "0.7"], "temperature")])
 def test_settings_tinker_cannot_honour_are_refused(world, tiny_model_dir, data_file, tmp_path, flags, problem):
-    with pytest.raises(SystemExit, match=problem):
+    with pytest.raises(UserError, match=problem):
         train.main(_args(tiny_model_dir, data_file, tmp_path / "run", "--steps", "1", *flags))
     assert world.services == 0
+
+
+def test_unknown_tinker_loss_is_refused_when_parsed(world, tiny_model_dir, data_file, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train.main(_args(tiny_model_dir, data_file, tmp_path / "run", "--steps", "1", "--tinker_loss_fn", "cispo"))
+    assert "tinker_loss_fn" in capsys.readouterr().err and world.services == 0
 
 
 def test_engine_groups_completions_and_maps_sampling_settings(world, caplog):

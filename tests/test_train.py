@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from openai_stub import ChatStub, Reply
 from safetensors.torch import load_file
+from subprocesses import command_env, python, run_to_end, spawned, wait_until
 from transformers import AutoModelForCausalLM
 
-from openai_stub import ChatStub, Reply
-from subprocesses import command_env, python, run_to_end, spawned, wait_until
-
 import train
+from l2a.cli import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -77,7 +77,7 @@ def test_tiny_run_trains_logs_and_saves(tiny_model_dir, data_files, judge_url, t
     assert [r["step"] for r in rows] == [0, 1, 2, 3]
     for r in rows[1:]:
         assert torch.isfinite(torch.tensor(r["loss"])) and r["grad_norm"] > 0
-        for key in ("reward", "reward_std", "reward_action", "reward_content", "reward_format", "decision_accuracy",
+        for key in ("reward", "reward_std", "reward_content", "reward_format", "decision_accuracy",
                     "kl_mean", "clip_low_frac", "entropy", "completion_length", "tokens_per_second",
                     "time/generate", "time/judge", "time/train", "skipped_steps"):
             assert key in r, key
@@ -108,7 +108,7 @@ def test_config_file_and_overrides(tmp_path):
     cfg = train.parse_config(["--config", str(path), "--steps", "9"])
     assert (cfg.steps, cfg.group_size) == (9, 5)
     path.write_text("stepz: 7\n")
-    with pytest.raises(SystemExit, match="unknown config keys: stepz"):
+    with pytest.raises(UserError, match="unknown config keys: stepz"):
         train.parse_config(["--config", str(path)])
 
 

@@ -20,6 +20,7 @@ from test_train import _grade, _sample
 from test_vllm_engine import ATOL, max_logprob_gap, needs_vllm, trainer_logprobs
 
 import train
+from l2a.local_policy import LocalPolicy, engine_environment
 from l2a.prompts import policy_messages
 from l2a.rollout import HFEngine, SamplingConfig
 
@@ -44,7 +45,7 @@ def test_engine_is_synced_after_every_step(tiny_model_dir, tmp_path, monkeypatch
     chats = [policy_messages(s["messages"], "Ra+Rs") for s in samples[:3]]
 
     checked_steps, engines = [], []
-    real_update, real_make_engine = train.LocalPolicy.update, train.LocalPolicy.make_engine
+    real_update, real_make_engine = LocalPolicy.update, LocalPolicy.make_engine
 
     def make_engine(self, path):
         engines.append(real_make_engine(self, path))
@@ -62,8 +63,8 @@ def test_engine_is_synced_after_every_step(tiny_model_dir, tmp_path, monkeypatch
         checked_steps.append(metrics["time/sync"])
         return metrics
 
-    monkeypatch.setattr(train.LocalPolicy, "make_engine", make_engine)
-    monkeypatch.setattr(train.LocalPolicy, "update", update)
+    monkeypatch.setattr(LocalPolicy, "make_engine", make_engine)
+    monkeypatch.setattr(LocalPolicy, "update", update)
     out = tmp_path / "run"
     with ChatStub(_grade) as stub:
         try:  # train.main closes the engine at the end; after a failure, close it here
@@ -100,9 +101,9 @@ def test_each_process_starts_its_engine_on_its_own_gpu(monkeypatch):
 
     rank1_of_2 = SimpleNamespace(device=torch.device("cuda", 1), num_processes=2)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
-    assert train.engine_environment(rank1_of_2) == {"CUDA_VISIBLE_DEVICES": "5"}
-    with environment(train.engine_environment(rank1_of_2)):
+    assert engine_environment(rank1_of_2) == {"CUDA_VISIBLE_DEVICES": "5"}
+    with environment(engine_environment(rank1_of_2)):
         assert os.environ["CUDA_VISIBLE_DEVICES"] == "5"
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "3,5"
-    assert train.engine_environment(SimpleNamespace(device=torch.device("cpu"), num_processes=2)) == {}
-    assert train.engine_environment(SimpleNamespace(device=torch.device("cuda", 0), num_processes=1)) == {}
+    assert engine_environment(SimpleNamespace(device=torch.device("cpu"), num_processes=2)) == {}
+    assert engine_environment(SimpleNamespace(device=torch.device("cuda", 0), num_processes=1)) == {}

@@ -16,8 +16,9 @@ import torch
 from subprocesses import python, run_to_end
 
 from l2a.grpo import token_logprobs
+from l2a.logprobs import completion_logits, pack_completions
 from l2a.model import load_model, load_tokenizer
-from l2a.rollout import HFEngine, SamplingConfig, completion_logits, encode_chat, pack_completions
+from l2a.rollout import HFEngine, SamplingConfig, encode_chat
 from l2a.vllm_engine import VLLMEngine, WeightSyncError, full_state_dict_items
 
 

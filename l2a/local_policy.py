@@ -1,0 +1,318 @@
+"""The policy trained here, with torch: model, optimizer, frozen reference, rollout engine, sharding.
+
+``LocalPolicy`` has the methods train.py's loop calls, like ``l2a.tinker_backend.TinkerPolicy`` (its peer, with
+sampling and training on Tinker instead):
+
+    completions = policy.generate(chats, n, sampling)     # step 1: rollouts, from the current weights
+    metrics = policy.update(completions, advantages)      # steps 4-5: GRPO loss, backward, optimizer step, sync
+    policy.save(step, trainer_state)                      # a checkpoint; ``close()`` at the end
+
+Under ``accelerate launch`` every process holds one; with FSDP2 the model, the reference and the optimizer
+state are sharded over the processes, and whatever needs whole weights (the rollout engine, checkpoints)
+gathers them. The places where processes meet are marked "collective": every process must call them, in the
+same order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
+
+from l2a.checkpoint import checkpoints_dir, load_trainer_state, write_checkpoint
+from l2a.cli import UserError
+from l2a.grpo import grpo_loss, token_entropy, token_logprobs
+from l2a.logprobs import (
+    PackedBatch,
+    completion_logits,
+    full_sequence_logits,
+    pack_completions,
+    sampler_logprobs,
+    to_device,
+)
+from l2a.model import load_model, load_tokenizer
+from l2a.rollout import Completion, HFEngine, SamplingConfig
+from l2a.vllm_engine import full_state_dict_items
+
+if TYPE_CHECKING:
+    from train import Config
+
+
+class LocalPolicy:
+    """The policy trained in this process with torch: model, optimizer, frozen reference, rollout engine."""
+
+    def __init__(self, cfg: Config, accelerator: Accelerator, resume_from: Path | None):
+        self.cfg, self.accelerator = cfg, accelerator
+        if accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2:
+            raise UserError("FSDP1 is not supported: set `fsdp_version: 2` in the accelerate config")
+        self.sharded = accelerator.is_fsdp2  # each process holds one shard of every weight
+        path = str(resume_from) if resume_from else cfg.model
+        self.tokenizer = load_tokenizer(path)
+        self.dtype = getattr(torch, cfg.dtype)
+        model = load_model(path, self.dtype)
+        model.config.use_cache = False
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # fused: one kernel for all parameters instead of a dozen elementwise passes (0.65 -> 0.22 s per step
+        # for SmolLM2-135M on 2 CPU cores, bench/vs_trl.py); the same AdamW update.
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                                      fused=True)
+        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        if resume_from:
+            self.load_optimizer_state(load_trainer_state(resume_from)["optimizer"])
+        # Checkpointed layers (ours, or accelerate's FSDP activation checkpointing) cannot keep a cache.
+        fsdp_checkpointing = self.sharded and accelerator.state.fsdp_plugin.activation_checkpointing
+        checkpointing = cfg.gradient_checkpointing or fsdp_checkpointing
+        self.completion_logits = full_sequence_logits if checkpointing else completion_logits
+        self.reference = None
+        if cfg.kl_coef:  # the frozen starting point: never the resumed weights
+            self.reference = self.prepare_frozen(load_model(cfg.model, self.dtype).eval().requires_grad_(False))
+        self.replica = None  # a full copy of the weights for the HF engine under FSDP2 (see make_engine)
+        self.engine = self.make_engine(path)
+
+    def prepare_frozen(self, model):
+        """The reference, placed like the policy. ``evaluation_mode`` would keep a whole copy on every
+        process (under FSDP even on the CPU), so under FSDP2 it is sharded like the policy instead."""
+        if self.sharded:
+            from accelerate.utils import fsdp2_prepare_model
+
+            return fsdp2_prepare_model(self.accelerator, model)
+        return self.accelerator.prepare_model(model, evaluation_mode=True)
+
+    def make_engine(self, path: str):
+        cfg, accelerator = self.cfg, self.accelerator
+        if cfg.rollout_engine == "hf":
+            if not self.sharded:
+                return HFEngine(accelerator.unwrap_model(self.model), self.tokenizer, cfg.generation_batch_size)
+            # A sharded model gathers its weights in every forward pass, a collective, and processes stop
+            # generating at different lengths: sample from a full replica instead, synced after every step.
+            self.replica = load_model(path, self.dtype).to(accelerator.device).eval().requires_grad_(False)
+            return HFEngine(self.replica, self.tokenizer, cfg.generation_batch_size)
+        if cfg.top_p != 1.0:  # vLLM then reports log-probabilities renormalised over the nucleus
+            accelerator.print(f"warning: top_p={cfg.top_p}: vLLM's log-probabilities differ from the trainer's")
+        if cfg.vllm_tensor_parallel_size > 1 and accelerator.num_processes > 1:
+            raise UserError("vllm_tensor_parallel_size > 1 works for single-process runs only")
+        from l2a.vllm_engine import VLLMEngine, environment
+
+        with environment(engine_environment(accelerator)):
+            return VLLMEngine(
+                path,
+                dtype=cfg.vllm_dtype,
+                max_model_len=cfg.vllm_max_model_len,
+                kv_cache_memory_bytes=int(cfg.vllm_kv_cache_gb * 2**30) or None,
+                gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+                tensor_parallel_size=cfg.vllm_tensor_parallel_size,
+                seed=cfg.seed,
+                in_process=cfg.vllm_in_process,
+            )
+
+    def generate(self, chats: list[list[dict]], n: int, sampling: SamplingConfig) -> list[Completion]:
+        return self.engine.generate(chats, n, sampling)
+
+    def update(self, completions: list[Completion], advantages: torch.Tensor) -> dict[str, float]:
+        """Steps 4 and 5: the GRPO loss over micro-batches, one optimizer step, then the weight sync."""
+        cfg, accelerator, model = self.cfg, self.accelerator, self.model
+        # The loss divides by the counts of the whole batch (all processes, all micro-batches), so the
+        # pieces add up to the loss of the whole batch however it is split.
+        (num_tokens,) = across_processes(accelerator, [sum(len(c.token_ids) for c in completions)])
+        sums: dict[str, float] = {}  # statistics summed over this process's tokens (the loss: its pieces)
+        largest_gap = 0.0
+        # Micro-batches hold whole groups, so each prompt's forward pass is shared by its group (logprobs.py).
+        per_micro = max(cfg.group_size, cfg.micro_batch_size // cfg.group_size * cfg.group_size)
+        starts = range(0, len(completions), per_micro)
+        for i, start in enumerate(starts):
+            part = completions[start : start + per_micro]
+            # Only the last micro-batch synchronises gradients across processes.
+            with accelerator.no_sync(model) if i < len(starts) - 1 else contextlib.nullcontext():
+                loss, part_sums, gap = self.micro_batch_loss(part, advantages[start : start + len(part)], num_tokens)
+                # DDP/FSDP average gradients over processes; the loss already divides by global counts.
+                accelerator.backward(loss * accelerator.num_processes)
+            for key, value in part_sums.items():
+                sums[key] = sums.get(key, 0.0) + value
+            largest_gap = max(largest_gap, gap)
+
+        totals = dict(zip(sums, across_processes(accelerator, list(sums.values()))))  # same keys everywhere
+        grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
+        applied = math.isfinite(totals["loss"]) and math.isfinite(grad_norm)
+        if applied:  # a non-finite loss or gradient would poison the weights and Adam's moments
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        sync_seconds = self.sync_rollout_weights() if applied else 0.0
+        metrics = {"loss": totals.pop("loss"), "grad_norm": grad_norm, "applied": applied, "time/sync": sync_seconds}
+        metrics.update({key: total / max(num_tokens, 1) for key, total in totals.items()})
+        if "sampler_logprob_diff" in metrics:
+            metrics["sampler_logprob_diff_max"] = across_processes(accelerator, [largest_gap], op="max")[0]
+        return metrics
+
+    def micro_batch_loss(self, part: list[Completion], advantages: torch.Tensor, num_tokens: float):
+        """Loss of a few groups (the gradient flows through it) and their statistics summed over tokens."""
+        cfg = self.cfg
+        batch = self.pack(part)
+        mask = batch.completion_mask
+        logits = self.completion_logits(self.model, batch)
+        logprobs = token_logprobs(logits, batch.completion_ids, cfg.temperature)
+        entropy = token_entropy(logits, cfg.temperature)
+        del logits  # [b, C, V] is the biggest tensor of the step: free it before backward
+        ref_logprobs = None
+        if self.reference is not None:
+            with torch.no_grad():
+                ref_logits = completion_logits(self.reference, batch)
+                ref_logprobs = token_logprobs(ref_logits, batch.completion_ids, cfg.temperature)
+        # Summed over tokens; the same keys, in the same order, on every process (they are summed across).
+        sums, largest_gap, token_weights = {"entropy": (entropy * mask).sum().item()}, 0.0, None
+        sampled = sampler_logprobs(part, mask.shape[1])  # None with the HF engine
+        if sampled is not None:
+            # How far the engine's numbers are from the trainer's, for the same weights and tokens.
+            log_ratio = logprobs.detach() - sampled.to(mask.device)
+            gap = log_ratio.abs() * mask
+            sums["sampler_logprob_diff"], largest_gap = gap.sum().item(), gap.max().item()
+            if cfg.vllm_is_correction:
+                # Truncated importance sampling: the tokens were drawn from the engine's distribution.
+                token_weights = torch.exp(log_ratio).clamp(max=cfg.vllm_is_cap)
+                sums["is_weight_mean"] = (token_weights * mask).sum().item()
+        loss, stats = grpo_loss(
+            logprobs,
+            logprobs.detach(),  # one pass per batch: pi_old = pi, ratio 1 (see grpo.py)
+            advantages,
+            mask,
+            ref_logprobs,
+            clip_low=cfg.clip_low,
+            clip_high=cfg.clip_high,
+            kl_coef=cfg.kl_coef,
+            kl_estimator=cfg.kl_estimator,
+            loss_agg=cfg.loss_agg,
+            num_tokens=num_tokens,
+            max_len=cfg.max_new_tokens,
+            num_seqs=cfg.prompts_per_step * cfg.group_size,
+            token_weights=token_weights,
+        )
+        sums["loss"] = loss.item()
+        n = mask.sum().item()
+        for key in ("clip_low_frac", "clip_high_frac", "ratio_mean", "kl_mean"):
+            sums[key] = stats[key].item() * n
+        return loss, sums, largest_gap
+
+    def pack(self, part: list[Completion]) -> PackedBatch:
+        """The completions as tensors on this process's device."""
+        batch = pack_completions(part, self.tokenizer.pad_token_id)
+        if self.sharded and batch.completion_ids.shape[1] == 1:
+            # completion_logits skips its second pass when every completion is one token long; under FSDP
+            # each pass is a collective, so all processes must run both: add a padding column (mask 0).
+            pad = torch.full_like(batch.completion_ids, self.tokenizer.pad_token_id)
+            batch = replace(batch, completion_ids=torch.cat([batch.completion_ids, pad], 1),
+                            completion_mask=torch.cat([batch.completion_mask, torch.zeros_like(batch.completion_mask)], 1))
+        return to_device(batch, self.accelerator.device)
+
+    def sync_rollout_weights(self) -> float:
+        """Make the rollout engine sample with the weights just trained; returns the seconds taken.
+
+        Collective under FSDP2: ``full_state_dict_items`` gathers every weight, so each process walks all
+        weights in the same order, each into its own engine. The HF engine on an unsharded model samples
+        from the trained module itself, so it needs nothing.
+        """
+        if self.cfg.rollout_engine == "vllm":
+            return self.engine.sync_weights(full_state_dict_items(self.model))
+        if self.replica is None:
+            return 0.0
+        started = time.perf_counter()
+        self.replica.load_state_dict(dict(full_state_dict_items(self.model)))
+        return time.perf_counter() - started
+
+    def optimizer_state(self) -> dict:
+        """``optimizer.state_dict()`` as one process would have it. Collective under FSDP2 (gathers the
+        shards); the main process gets the state, the others an empty dict."""
+        if not self.sharded:
+            return self.optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_optimizer_state_dict,
+        )
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        by_name = get_optimizer_state_dict(self.model, self.optimizer.optimizer, options=options)
+        if not by_name:
+            return {}
+        names = [name for group in by_name["param_groups"] for name in group["params"]]
+        return renamed_optimizer_state(by_name, names.index)
+
+    def load_optimizer_state(self, state: dict) -> None:
+        """The inverse of ``optimizer_state``; under FSDP2 each process keeps its shard."""
+        if not self.sharded:
+            self.optimizer.load_state_dict(state)
+            return
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_optimizer_state_dict,
+        )
+
+        name_of = {param: name for name, param in self.model.named_parameters()}
+        names = [name_of[p] for group in self.optimizer.param_groups for p in group["params"]]
+        by_name = renamed_optimizer_state(state, names.__getitem__)
+        set_optimizer_state_dict(self.model, self.optimizer.optimizer, by_name, options=StateDictOptions(full_state_dict=True))
+
+    def close(self) -> None:
+        """Stop the vLLM engine: its processes, or (in-process) the torch.distributed group it made."""
+        if self.cfg.rollout_engine == "vllm":
+            self.engine.close()
+
+    def save(self, step: int, trainer_state: dict) -> Path:
+        """A Hugging Face model directory plus the optimizer state in ``trainer_state.pt``, written atomically."""
+        accelerator, cfg = self.accelerator, self.cfg
+        # Both gather shards under FSDP2 (collectives): every process calls them, the main one writes.
+        state_dict = accelerator.get_state_dict(self.model)
+        optimizer_state = self.optimizer_state()
+        final = checkpoints_dir(cfg.output_dir) / f"step-{step:06d}"
+        if accelerator.is_main_process:
+            model = accelerator.unwrap_model(self.model)
+            if self.sharded:  # gathered tensors share no storage: re-tie, so a tied weight is written once
+                state_dict.update({name: state_dict[source] for name, source in model.all_tied_weights_keys.items()})
+
+            def fill(folder: Path) -> None:
+                model.save_pretrained(folder, state_dict=state_dict)
+                self.tokenizer.save_pretrained(folder)
+
+            final = write_checkpoint(cfg.output_dir, step, cfg, {"optimizer": optimizer_state, **trainer_state}, fill,
+                                     cfg.keep_checkpoints)
+        accelerator.wait_for_everyone()
+        return final
+
+
+def across_processes(accelerator: Accelerator, values: list[float], op: str = "sum") -> list[float]:
+    """Each value summed (or maxed) over all processes. Collective: every process must call it."""
+    local = torch.tensor([values], dtype=torch.float64, device=accelerator.device)
+    gathered = accelerator.gather(local)  # [processes, len(values)]
+    return (gathered.sum(dim=0) if op == "sum" else gathered.amax(dim=0)).tolist()
+
+
+def renamed_optimizer_state(state: dict, key) -> dict:
+    """The same optimizer state with every parameter key ``k`` replaced by ``key(k)``.
+
+    torch's ``optimizer.state_dict()`` keys parameters by position in the param groups; the FSDP2
+    helpers key them by name. Checkpoints always store positions, so any sharding resumes any other.
+    """
+    return {
+        "state": {key(k): v for k, v in state["state"].items()},
+        "param_groups": [{**group, "params": [key(k) for k in group["params"]]} for group in state["param_groups"]],
+    }
+
+
+def engine_environment(accelerator: Accelerator) -> dict[str, str]:
+    """Under ``accelerate launch`` on GPUs: start this process's vLLM engine on this process's GPU.
+
+    The multi-process engine runs in child processes, which inherit the environment and would all
+    pick GPU 0, so they are shown only ours while they start. CUDA is already initialised here, so
+    the trainer itself keeps seeing every GPU.
+    """
+    if accelerator.device.type != "cuda" or accelerator.num_processes == 1:
+        return {}
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    visible = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+    return {"CUDA_VISIBLE_DEVICES": visible[accelerator.device.index]}

@@ -1,0 +1,32 @@
+"""The layout's promises: imports point one way, so a reader (and a light install) can use a part alone.
+
+Each module is imported in a fresh interpreter and we look at what came with it.
+"""
+
+import json
+
+import pytest
+from subprocesses import python, run_to_end
+
+
+def loaded_with(module: str) -> set[str]:
+    script = f"import sys, json, {module}; print(json.dumps(sorted(sys.modules)))"
+    done = run_to_end(python("-c", script), timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return {name.split(".")[0] if not name.startswith("l2a.") else name for name in json.loads(done.stdout)}
+
+
+@pytest.mark.parametrize("module", ["l2a.data", "l2a.reward", "l2a.judges", "l2a.metrics", "l2a.prompts"])
+def test_data_reward_and_judges_need_neither_torch_nor_a_model(module):
+    loaded = loaded_with(module)
+    assert not loaded & {"torch", "transformers", "vllm", "tinker"}, sorted(loaded & {"torch", "transformers"})
+
+
+def test_grpo_needs_only_torch():
+    loaded = loaded_with("l2a.grpo")
+    assert "torch" in loaded and not loaded & {"transformers", "l2a.reward", "l2a.judges", "l2a.data"}
+
+
+def test_rollout_knows_models_not_rewards():
+    loaded = loaded_with("l2a.rollout")
+    assert "transformers" in loaded and not loaded & {"l2a.reward", "l2a.judges", "l2a.metrics", "l2a.data"}
