@@ -6,7 +6,9 @@
     python train.py --config configs/tinker_qwen.yaml # sampling and LoRA training on Tinker
     accelerate launch --config_file configs/accelerate/fsdp_8gpu.yaml train.py --config configs/qwen2.5-7b_8gpu.yaml
 
-Each step:
+First, unless ``sft_steps`` is 0, a supervised warm start (``warm_start``, ``l2a.sft``): the base model never
+samples ``<stop />``, so GRPO alone could never reward stopping; a few steps of imitating the logged next turn put it
+among the samples. Then each GRPO step:
   1. rollouts: take ``prompts_per_step`` consultations (each process its share) and sample ``group_size``
      completions for each: a question for the patient, or ``<stop />``;
   2. rewards: the judge grades correct "continue" questions, ``compute_reward`` turns decision, content and
@@ -24,7 +26,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -33,20 +35,15 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm import tqdm
 
-from l2a.checkpoint import latest_checkpoint, resume_position
-from l2a.cli import UserError, parse_dataclass, run_command
-from l2a.data import load_samples
+from l2a.checkpoint import latest_checkpoint, resume_position, truncate_metrics
+from l2a.cli import UserError, arg, parse_dataclass, run_command
+from l2a.data import batch_indices, load_samples
 from l2a.grpo import AdvantageScale, KLEstimator, LossAggregation, group_advantages
 from l2a.judges import TRAINING_GRADER, make_judge, score_responses
 from l2a.model import EMBEDDED_DEFAULT
 from l2a.prompts import STOP_TOKEN, policy_messages
 from l2a.reward import FusionMode, TrainMode
 from l2a.rollout import SamplingConfig
-
-
-def arg(default, help: str):
-    """A config field with its documentation (shown by ``--help``)."""
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass
@@ -84,6 +81,11 @@ class Config:
     judge_concurrency: int = arg(16, "Grader requests in flight at once.")
     train_mode: TrainMode = arg("Ra+Rs", "Reward: 'Ra+Rs' (paper), 'Ra' (no stop reward/rule), 'Rs' (no question reward).")
     fusion_mode: FusionMode = arg("default", "With Ra+Rs: 'default' = R_s(1+2R_a)+P (hierarchical), 'sum' = R_s+R_a+P.")
+    # --- supervised warm start before GRPO (l2a.sft; logged at steps -sft_steps+1..0) --------------
+    sft_steps: int = arg(24, "Supervised steps on the data's hindsight targets (the logged next question, or <stop />) before GRPO; 0 = none.")
+    sft_batch_size: int = arg(8, "Samples per supervised step.")
+    sft_learning_rate: float = arg(5e-5, "AdamW learning rate of the warm start, constant.")
+    sft_frozen_layers: int = arg(15, "Bottom decoder layers (and the embeddings) the warm start keeps fixed: about 3x faster steps; GRPO trains every weight.")
     # --- GRPO -------------------------------------------------------------------------------------
     steps: int = arg(16, "Optimizer steps.")
     learning_rate: float = arg(2e-5, "AdamW learning rate, constant (the paper: 5e-7 for 7B).")
@@ -119,6 +121,9 @@ def main(argv: list[str] | None = None) -> None:
     rank, world = accelerator.process_index, accelerator.num_processes
     if cfg.prompts_per_step % world:
         raise UserError(f"prompts_per_step={cfg.prompts_per_step} must be a multiple of the {world} processes")
+    if cfg.sft_steps and world > 1:
+        raise UserError("the warm start (sft_steps) runs in one process: run `python -m l2a.sft` first, then train "
+                        "from its checkpoint with --model <checkpoint> --sft_steps 0")
     train_samples = load_samples(cfg.train_file)
     eval_samples = load_samples(cfg.eval_file)[: cfg.eval_samples] if cfg.eval_every else []
     judge = make_judge(cfg.judge, cfg.judge_url, cfg.judge_model, cfg.judge_api_key_env, TRAINING_GRADER,
@@ -131,6 +136,8 @@ def main(argv: list[str] | None = None) -> None:
     log = MetricsLog(accelerator, cfg, resumed_at=start_step if resume_from else None)
 
     try:
+        if cfg.sft_steps and start_step == 0:  # a resumed run has it in its weights already
+            warm_start(policy, train_samples, eval_samples, judge, cfg, log)
         if eval_samples and start_step == 0:
             log(evaluate_heldout(policy, judge, eval_samples, cfg), step=0)
         progress = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps,
@@ -138,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
         for step in progress:
             t0 = time.perf_counter()
             # ---- 1. rollouts: this process's share of the step's prompts, group_size completions each -----------
-            indices = prompts_for_step(len(train_samples), step, cfg.prompts_per_step, cfg.seed)
+            indices = batch_indices(len(train_samples), step, cfg.prompts_per_step, cfg.seed, stream="grpo")
             my_samples = [train_samples[i] for i in indices[rank::world]]
             sampling = SamplingConfig(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
                                       seed=cfg.seed * 1_000_003 + step * 1_009 + rank)
@@ -223,7 +230,11 @@ def check_config(cfg: Config) -> None:
     if cfg.vllm_is_correction and (cfg.rollout_engine != "vllm" or cfg.top_p != 1.0):
         problems.append("vllm_is_correction needs rollout_engine: vllm and top_p: 1 (the HF engine reports no "
                         "log-probabilities; vLLM's are renormalised over the nucleus when top_p < 1)")
+    if cfg.sft_steps < 0 or (cfg.sft_steps and cfg.sft_batch_size < 1):
+        problems.append("sft_steps must be at least 0, and sft_batch_size at least 1")
     if cfg.backend == "tinker":
+        if cfg.sft_steps:
+            problems.append("backend tinker has no warm start: set sft_steps to 0")
         if cfg.kl_coef != 0:
             problems.append("backend tinker has no KL term (its losses take no reference model): set kl_coef to 0")
         if cfg.temperature != 1.0 or cfg.top_p != 1.0:
@@ -244,6 +255,30 @@ def make_policy(cfg: Config, accelerator: Accelerator, resume_from: Path | None)
     return LocalPolicy(cfg, accelerator, resume_from)
 
 
+def warm_start(policy, train_samples: list[dict], eval_samples: list[dict], judge, cfg: Config, log: MetricsLog) -> None:
+    """Stage 0: ``sft_steps`` supervised steps (``l2a.sft``) on the hindsight targets, before GRPO.
+
+    Why: GRPO learns from differences within a group. The base model never samples ``<stop />``, so on a stop sample
+    every completion scores 0 and the group gives no gradient: RL cannot discover stopping. Imitating the logged next
+    turn (a question, or ``<stop />``) puts stopping among the samples; GRPO then has something to choose between,
+    and learns *when*. Logged as ``sft/*`` at steps -sft_steps+1 .. 0, after a held-out evaluation of the base model
+    at step -sft_steps, so the curves show both stages on one axis.
+    """
+    from l2a.sft import SFTTrainer, frozen_layers
+
+    if eval_samples:
+        log(evaluate_heldout(policy, judge, eval_samples, cfg), step=-cfg.sft_steps)
+    model = policy.accelerator.unwrap_model(policy.model)
+    with frozen_layers(model, cfg.sft_frozen_layers):
+        trainer = SFTTrainer(model, policy.tokenizer, cfg.sft_learning_rate, max_grad_norm=cfg.max_grad_norm,
+                             train_mode=cfg.train_mode)
+        for k in tqdm(range(cfg.sft_steps), desc="sft", disable=not policy.accelerator.is_main_process):
+            indices = batch_indices(len(train_samples), k, cfg.sft_batch_size, cfg.seed, stream="sft")
+            metrics = trainer.step([train_samples[i] for i in indices])
+            log({f"sft/{key}": value for key, value in metrics.items()}, step=k + 1 - cfg.sft_steps)
+    policy.sync_rollout_weights()  # a vLLM engine samples the warm-started weights too
+
+
 class MetricsLog:
     """``metrics.jsonl`` (one JSON line per logged step) and accelerate's trackers (``log_with``).
 
@@ -259,26 +294,14 @@ class MetricsLog:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if resumed_at is None:
                 self.path.unlink(missing_ok=True)
-            elif self.path.exists():
-                kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= resumed_at]
-                self.path.write_text("".join(line + "\n" for line in kept))
+            else:
+                truncate_metrics(self.path, resumed_at)
 
     def __call__(self, metrics: dict, step: int) -> None:
         self.accelerator.log(metrics, step=step)
         if self.accelerator.is_main_process:
             with self.path.open("a") as f:
                 f.write(json.dumps({"step": step, **metrics}) + "\n")
-
-
-def prompts_for_step(num_samples: int, step: int, per_step: int, seed: int) -> list[int]:
-    """Sample indices of a step: a fresh permutation per epoch, a pure function of (seed, step), so a resumed
-    run continues with exactly the prompts it would have seen."""
-    indices = []
-    for position in range(step * per_step, (step + 1) * per_step):
-        epoch, offset = divmod(position, num_samples)
-        generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        indices.append(int(torch.randperm(num_samples, generator=generator)[offset]))
-    return indices
 
 
 @torch.no_grad()

@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM
 
 import train
 from l2a.cli import UserError
+from l2a.sft import main as sft_main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,8 +28,9 @@ def _sample(i: int, decision: str) -> dict:
         {"role": "user", "content": "Mostly the temples."},
     ]
     info = "" if decision == "stop" else "symptom severity: moderate, symptom trigger: screen work"
+    target = "<stop />" if decision == "stop" else "How severe is the headache: mild, moderate or severe?"
     return {"cid": f"s{i}_1", "session_id": f"s{i}", "diagn": "tension headache", "messages": messages,
-            "decision_truth": decision, "info_truth": info}
+            "decision_truth": decision, "info_truth": info, "target": target}
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +49,7 @@ def data_files(tmp_path_factory) -> dict[str, Path]:
 def _args(model_dir, data: Path, out: Path, *extra: str) -> list[str]:
     return ["--model", str(model_dir), "--train_file", str(data), "--eval_file", str(data), "--output_dir", str(out),
             "--prompts_per_step", "2", "--group_size", "3", "--max_new_tokens", "6", "--micro_batch_size", "4",
-            "--learning_rate", "1e-2", "--eval_samples", "4", *extra]
+            "--learning_rate", "1e-2", "--eval_samples", "4", "--sft_steps", "0", *extra]
 
 
 def _grade(request: dict) -> str:
@@ -100,6 +102,32 @@ def test_kl_to_reference_is_logged(tiny_model_dir, data_files, judge_url, tmp_pa
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["kl_mean"] == pytest.approx(0.0, abs=1e-6)  # step 1: the policy is still the reference
     assert rows[1]["kl_mean"] > 1e-6  # after one update with lr 1e-2 it has moved away
+
+
+def test_warm_start_is_l2a_sft_then_grpo_on_one_axis(tiny_model_dir, data_files, judge_url, tmp_path, monkeypatch):
+    """sft_steps > 0: l2a.sft's steps on the policy before GRPO, logged at steps -sft_steps+1..0 after a held-out
+    evaluation of the base model. With GRPO's learning rate 0, the final weights are exactly those of
+    `python -m l2a.sft` with the same settings: the warm start is that command's training, nothing else."""
+    monkeypatch.setenv("OPENAI_API_KEY", "test")
+    sft = ["--steps", "2", "--batch_size", "8", "--learning_rate", "1e-2", "--frozen_layers", "1"]
+    sft_main(["--model", str(tiny_model_dir), "--train_file", str(data_files["mixed"]),
+              "--output_dir", str(tmp_path / "sft"), *sft])
+    out = tmp_path / "run"
+    train.main(_args(tiny_model_dir, data_files["mixed"], out, "--steps", "1", "--eval_every", "1",
+                     "--learning_rate", "0", *judge_url, "--sft_steps", "2", "--sft_batch_size", "8",
+                     "--sft_learning_rate", "1e-2", "--sft_frozen_layers", "1"))
+
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], "sft/loss" in r, "eval/reward" in r, "reward" in r) for r in rows] == [
+        (-2, False, True, False), (-1, True, False, False), (0, True, False, False), (0, False, True, False),
+        (1, False, True, True)]
+    assert all(0 <= rows[i][f"sft/{key}"] <= 1 for i in (1, 2) for key in ("token_accuracy", "decision_accuracy"))
+    warm = load_file(tmp_path / "sft/checkpoints/step-000002/model.safetensors")
+    final = load_file(out / "checkpoints/step-000001/model.safetensors")
+    initial = load_file(tiny_model_dir / "model.safetensors")
+    assert warm.keys() == final.keys() and all(torch.equal(warm[k], final[k]) for k in warm)
+    assert not all(torch.equal(warm[k], initial[k]) for k in warm)
+    assert (out / "curves.png").stat().st_size > 10_000
 
 
 def test_config_file_and_overrides(tmp_path):
