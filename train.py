@@ -96,7 +96,8 @@ class Config:
     loss_agg: LossAggregation = arg("token-mean", "'token-mean', 'seq-mean-token-mean' (GRPO paper) or 'seq-mean-token-sum-norm' (Dr. GRPO).")
     max_grad_norm: float = arg(1.0, "Gradient norm clip.")
     micro_batch_size: int = arg(16, "Completions per forward/backward pass, in whole groups (gradient accumulation inside a step).")
-    gradient_checkpointing: bool = arg(False, "Recompute activations in backward: far less memory, more compute (prompts unshared).")
+    gradient_checkpointing: bool = arg(False, "Recompute each layer's activations in backward: far less memory, ~1/3 more compute.")
+    logprob_chunk_tokens: int = arg(4096, "Completion tokens whose vocabulary logits exist at once (larger batches are chunked).")
     # --- Tinker backend (backend=tinker) ---------------------------------------------------------------
     tinker_base_model: str = arg("Qwen/Qwen3-8B", "Base model trained with LoRA on Tinker.")
     lora_rank: int = arg(32, "LoRA rank on Tinker.")
@@ -277,7 +278,7 @@ def prompts_for_step(num_samples: int, step: int, per_step: int, seed: int) -> l
     for position in range(step * per_step, (step + 1) * per_step):
         epoch, offset = divmod(position, num_samples)
         generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        indices.append(int(torch.randperm(num_samples, generator=generator)[offset]))
+        indices.append(int(torch.randperm(num_samples, generator=generator, device="cpu")[offset]))
     return indices
 
 

@@ -23,11 +23,11 @@ sys.path.insert(0, str(REPO))  # run as a script from anywhere
 
 from bench.memory import MemorySampler  # noqa: E402
 from l2a.data import load_samples  # noqa: E402
-from l2a.grpo import group_advantages, grpo_loss, token_logprobs
+from l2a.grpo import group_advantages, grpo_loss
 from l2a.model import EMBEDDED_DEFAULT, load_model, load_tokenizer
 from l2a.prompts import policy_messages
 from l2a.judges import RubricJudge, score_responses
-from l2a.logprobs import completion_logits, pack_completions
+from l2a.logprobs import completion_logprobs, pack_completions
 from l2a.rollout import HFEngine, SamplingConfig
 
 
@@ -74,7 +74,7 @@ def main() -> None:
             advantages = group_advantages(rewards, args.group_size)
         batch = pack_completions(completions, tokenizer.pad_token_id)
         with phase("forward (logprobs)", record):
-            logprobs = token_logprobs(completion_logits(model, batch), batch.completion_ids)
+            logprobs, _ = completion_logprobs(model, batch)
             loss, _ = grpo_loss(logprobs, logprobs.detach(), advantages, batch.completion_mask)
         with phase("backward", record):
             loss.backward()

@@ -19,7 +19,6 @@ import contextlib
 import math
 import os
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,15 +28,8 @@ from accelerate.utils import DistributedType
 
 from l2a.checkpoint import checkpoints_dir, load_trainer_state, write_checkpoint
 from l2a.cli import UserError
-from l2a.grpo import grpo_loss, token_entropy, token_logprobs
-from l2a.logprobs import (
-    PackedBatch,
-    completion_logits,
-    full_sequence_logits,
-    pack_completions,
-    sampler_logprobs,
-    to_device,
-)
+from l2a.grpo import grpo_loss
+from l2a.logprobs import allow_checkpointing_with_prompt_cache, completion_logprobs, pack_completions, sampler_logprobs
 from l2a.model import load_model, load_tokenizer
 from l2a.rollout import Completion, HFEngine, SamplingConfig
 from l2a.vllm_engine import full_state_dict_items
@@ -59,8 +51,10 @@ class LocalPolicy:
         self.dtype = getattr(torch, cfg.dtype)
         model = load_model(path, self.dtype)
         model.config.use_cache = False
+        model.train()  # from_pretrained returns eval mode, in which checkpointed layers do not checkpoint
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            allow_checkpointing_with_prompt_cache(model)
         # fused: one kernel for all parameters instead of a dozen elementwise passes (0.65 -> 0.22 s per step
         # for SmolLM2-135M on 2 CPU cores, bench/vs_trl.py); the same AdamW update.
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
@@ -68,10 +62,6 @@ class LocalPolicy:
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         if resume_from:
             self.load_optimizer_state(load_trainer_state(resume_from)["optimizer"])
-        # Checkpointed layers (ours, or accelerate's FSDP activation checkpointing) cannot keep a cache.
-        fsdp_checkpointing = self.sharded and accelerator.state.fsdp_plugin.activation_checkpointing
-        checkpointing = cfg.gradient_checkpointing or fsdp_checkpointing
-        self.completion_logits = full_sequence_logits if checkpointing else completion_logits
         self.reference = None
         if cfg.kl_coef:  # the frozen starting point: never the resumed weights
             self.reference = self.prepare_frozen(load_model(cfg.model, self.dtype).eval().requires_grad_(False))
@@ -155,23 +145,22 @@ class LocalPolicy:
     def micro_batch_loss(self, part: list[Completion], advantages: torch.Tensor, num_tokens: float):
         """Loss of a few groups (the gradient flows through it) and their statistics summed over tokens."""
         cfg = self.cfg
-        batch = self.pack(part)
+        # Under FSDP every forward pass is a collective; with completions of one token the second pass would be
+        # skipped on some processes only, so pad to two columns there (the padding is masked).
+        batch = pack_completions(part, self.tokenizer.pad_token_id, self.accelerator.device,
+                                 min_width=2 if self.sharded else 1)
         mask = batch.completion_mask
-        logits = self.completion_logits(self.model, batch)
-        logprobs = token_logprobs(logits, batch.completion_ids, cfg.temperature)
-        entropy = token_entropy(logits, cfg.temperature)
-        del logits  # [b, C, V] is the biggest tensor of the step: free it before backward
+        logprobs, entropy = completion_logprobs(self.model, batch, cfg.temperature, cfg.logprob_chunk_tokens)
         ref_logprobs = None
         if self.reference is not None:
             with torch.no_grad():
-                ref_logits = completion_logits(self.reference, batch)
-                ref_logprobs = token_logprobs(ref_logits, batch.completion_ids, cfg.temperature)
+                ref_logprobs, _ = completion_logprobs(self.reference, batch, cfg.temperature, cfg.logprob_chunk_tokens)
         # Summed over tokens; the same keys, in the same order, on every process (they are summed across).
         sums, largest_gap, token_weights = {"entropy": (entropy * mask).sum().item()}, 0.0, None
-        sampled = sampler_logprobs(part, mask.shape[1])  # None with the HF engine
+        sampled = sampler_logprobs(part, mask.shape[1], mask.device)  # None with the HF engine
         if sampled is not None:
             # How far the engine's numbers are from the trainer's, for the same weights and tokens.
-            log_ratio = logprobs.detach() - sampled.to(mask.device)
+            log_ratio = logprobs.detach() - sampled
             gap = log_ratio.abs() * mask
             sums["sampler_logprob_diff"], largest_gap = gap.sum().item(), gap.max().item()
             if cfg.vllm_is_correction:
@@ -199,17 +188,6 @@ class LocalPolicy:
         for key in ("clip_low_frac", "clip_high_frac", "ratio_mean", "kl_mean"):
             sums[key] = stats[key].item() * n
         return loss, sums, largest_gap
-
-    def pack(self, part: list[Completion]) -> PackedBatch:
-        """The completions as tensors on this process's device."""
-        batch = pack_completions(part, self.tokenizer.pad_token_id)
-        if self.sharded and batch.completion_ids.shape[1] == 1:
-            # completion_logits skips its second pass when every completion is one token long; under FSDP
-            # each pass is a collective, so all processes must run both: add a padding column (mask 0).
-            pad = torch.full_like(batch.completion_ids, self.tokenizer.pad_token_id)
-            batch = replace(batch, completion_ids=torch.cat([batch.completion_ids, pad], 1),
-                            completion_mask=torch.cat([batch.completion_mask, torch.zeros_like(batch.completion_mask)], 1))
-        return to_device(batch, self.accelerator.device)
 
     def sync_rollout_weights(self) -> float:
         """Make the rollout engine sample with the weights just trained; returns the seconds taken.

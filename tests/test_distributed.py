@@ -47,9 +47,6 @@ from test_vllm_engine import needs_vllm
 
 import train
 from l2a.local_policy import LocalPolicy
-from l2a.logprobs import completion_logits, full_sequence_logits, pack_completions
-from l2a.model import load_model
-from l2a.rollout import Completion
 from l2a.vllm_engine import full_state_dict_items
 
 REPO = Path(__file__).resolve().parents[1]
@@ -156,16 +153,6 @@ def test_micro_batches_and_gradient_checkpointing_do_not_change_the_update(refer
     run_single(args + ["--output_dir", str(folder / "checkpointing"), "--steps", "2", "--micro_batch_size", "3",
                        "--gradient_checkpointing", "true"])
     assert_same_run(folder / "checkpointing", reference)
-
-
-def test_full_sequence_logits_equal_the_shared_prompt_logits(tiny_model_dir):
-    model = load_model(str(tiny_model_dir), torch.float64)
-    completions = [Completion(0, [5, 6, 7], [8, 9, 10, 2], "", "stop"), Completion(0, [5, 6, 7], [11], "", "stop"),
-                   Completion(1, [12, 13], [14, 15], "", "length")]
-    batch = pack_completions(completions, pad_id=2)
-    with torch.no_grad():
-        torch.testing.assert_close(full_sequence_logits(model, batch), completion_logits(model, batch),
-                                   rtol=0, atol=1e-10)
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])

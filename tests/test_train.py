@@ -154,3 +154,29 @@ def test_killed_run_resumes_exactly(tiny_model_dir, data_files, tmp_path):
     strip = lambda row: {k: v for k, v in row.items() if not k.startswith("time/") and k != "tokens_per_second"}  # noqa: E731
     rows = lambda run: [strip(json.loads(l)) for l in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731, E741
     assert rows("full") == rows("cut")
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_gradient_checkpointing_recomputes_each_layer_during_training(checkpointing, tiny_model_dir, data_files,
+                                                                       tmp_path):
+    """``gradient_checkpointing: true`` trains with layers that recompute (their forward runs again in backward);
+    a model left in eval mode, as from_pretrained returns it, would silently checkpoint nothing."""
+    from accelerate import Accelerator
+
+    from l2a.rollout import SamplingConfig
+
+    flags = ["--gradient_checkpointing", str(checkpointing).lower()]
+    cfg = train.parse_config(_args(tiny_model_dir, data_files["mixed"], tmp_path / "run", *flags))
+    policy = train.make_policy(cfg, Accelerator(cpu=True), None)
+    try:
+        chats = [[{"role": "user", "content": "I have a headache."}]]
+        completions = policy.generate(chats, cfg.group_size, SamplingConfig(max_new_tokens=5))
+        layers = policy.model.model.layers
+        calls = [0]
+        for layer in layers:  # a pre-hook: a replay stops once it has recomputed what backward needs
+            layer.register_forward_pre_hook(lambda *args: calls.__setitem__(0, calls[0] + 1))
+        policy.update(completions, torch.tensor([1.0, -1.0, 0.5])[: len(completions)])
+    finally:
+        policy.close()
+    passes = 2 if max(len(c.token_ids) for c in completions) > 1 else 1  # prompts, then completions
+    assert calls[0] == passes * len(layers) * (2 if checkpointing else 1)

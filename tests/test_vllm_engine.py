@@ -16,7 +16,7 @@ import torch
 from subprocesses import python, run_to_end
 
 from l2a.grpo import token_logprobs
-from l2a.logprobs import completion_logits, pack_completions
+from l2a.logprobs import completion_logprobs, pack_completions
 from l2a.model import load_model, load_tokenizer
 from l2a.rollout import HFEngine, SamplingConfig, encode_chat
 from l2a.vllm_engine import VLLMEngine, WeightSyncError, full_state_dict_items
@@ -62,7 +62,7 @@ def trainer_logprobs(model, completions, temperature, pad_id) -> list[list[float
     """What the GRPO trainer computes for these completions: token_logprobs(logits / T)."""
     batch = pack_completions(completions, pad_id)
     with torch.no_grad():
-        logprobs = token_logprobs(completion_logits(model, batch), batch.completion_ids, temperature)
+        logprobs, _ = completion_logprobs(model, batch, temperature)
     return [logprobs[i, : len(c.token_ids)].tolist() for i, c in enumerate(completions)]
 
 
@@ -142,8 +142,10 @@ def test_top_p_logprobs_are_renormalised_over_the_nucleus(engine, model, tokeniz
         CHATS, 2, SamplingConfig(temperature=1.0, top_p=top_p, max_new_tokens=8, seed=1)
     )
     batch = pack_completions(completions, tokenizer.pad_token_id)
-    with torch.no_grad():
-        logits = completion_logits(model, batch)
+    with torch.no_grad():  # every row on its own, with all its logits
+        logits = torch.nn.utils.rnn.pad_sequence(
+            [model(torch.tensor([c.prompt_ids + c.token_ids])).logits[0, len(c.prompt_ids) - 1 : -1]
+             for c in completions], batch_first=True)
     full = token_logprobs(logits, batch.completion_ids)
     # The nucleus as vLLM builds it: drop the least likely tokens whose total stays <= 1 - top_p.
     probs = torch.softmax(logits, dim=-1).sort(dim=-1).values
