@@ -25,12 +25,13 @@ import json
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Literal
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import InitProcessGroupKwargs, set_seed
 from tqdm import tqdm
 
 from l2a.checkpoint import latest_checkpoint, resume_position
@@ -73,7 +74,10 @@ class Config:
     vllm_kv_cache_gb: float = arg(1.0, "KV cache per engine in GiB (required on CPU); 0 = from vllm_gpu_memory_utilization.")
     vllm_gpu_memory_utilization: float = arg(0.3, "GPU share for the engine when vllm_kv_cache_gb is 0; the trainer keeps the rest.")
     vllm_tensor_parallel_size: int = arg(1, "GPUs per engine; one-process runs only (with N processes, one GPU per engine).")
-    vllm_in_process: bool | None = arg(None, "Engine inside the trainer's process (default: yes for one process, else no).")
+    vllm_in_process: bool | None = arg(None, "Engine inside the trainer's process (default: yes, but for several processes on CPU).")
+    vllm_sleep_mode: bool = arg(False, "GPU: the engine frees its weights and KV cache between rollouts (more memory for training).")
+    vllm_max_num_batched_tokens: int = arg(4096, "Tokens vLLM schedules per pass; bounds its activation memory.")
+    vllm_sync_dir: str = arg("", "Folder for weight-sync files of a multi-process engine (CPU); '' = /dev/shm.")
     vllm_is_correction: bool = arg(False, "Weight each token's policy-gradient term by min(pi_trainer/pi_vllm, vllm_is_cap).")
     vllm_is_cap: float = arg(3.0, "Cap C of the truncated importance-sampling weight.")
     # --- reward -----------------------------------------------------------------------------------
@@ -109,13 +113,15 @@ class Config:
     keep_checkpoints: int = arg(2, "Keep the newest N checkpoints.")
     resume: bool = arg(False, "Continue from the newest checkpoint in output_dir.")
     log_with: Literal["", "tensorboard", "wandb"] = arg("", "Also log to 'tensorboard' or 'wandb' through accelerate's trackers.")
+    dist_timeout_minutes: int = arg(60, "How long processes wait for each other (NCCL/gloo), e.g. while rank 0 writes a checkpoint (~91 GB for 7B).")
 
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(sys.argv[1:] if argv is None else argv)
     # Without GPUs, `accelerate launch` runs CPU processes that talk over gloo (DDP).
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with=cfg.log_with or None,
-                              project_dir=cfg.output_dir)
+                              project_dir=cfg.output_dir, kwargs_handlers=[
+                                  InitProcessGroupKwargs(timeout=timedelta(minutes=cfg.dist_timeout_minutes))])
     set_seed(cfg.seed)
     rank, world = accelerator.process_index, accelerator.num_processes
     if cfg.prompts_per_step % world:
@@ -124,6 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     eval_samples = load_samples(cfg.eval_file)[: cfg.eval_samples] if cfg.eval_every else []
     judge = make_judge(cfg.judge, cfg.judge_url, cfg.judge_model, cfg.judge_api_key_env, TRAINING_GRADER,
                        cfg.judge_concurrency)
+    judge.preflight()  # an unreachable or unreadable grader fails here, not after hours of zero rewards
     start_step, skipped_steps, resume_from = 0, 0, None
     if cfg.resume and (resume_from := latest_checkpoint(cfg.output_dir)) is not None:
         start_step, skipped_steps = resume_position(resume_from)
@@ -150,13 +157,15 @@ def main(argv: list[str] | None = None) -> None:
             # ---- 2. rewards: the judge grades correct "continue" questions, compute_reward does the rest --------
             answered = [my_samples[c.prompt_index] for c in completions]
             scored = score_responses(judge, answered, [c.text for c in completions], cfg.train_mode, cfg.fusion_mode)
-            rewards = [s.reward for s in scored]
             t2 = time.perf_counter()
 
             # ---- 3. advantages: every group is whole on one process; gather so "batch" scaling sees all ---------
-            local = torch.tensor([[r.total, r.decision, r.content, r.format, len(c.token_ids), float(STOP_TOKEN in c.text)]
-                                  for r, c in zip(rewards, completions)], device=accelerator.device)
-            everything = accelerator.gather(local)  # [prompts_per_step * group_size, 6], rank order (collective)
+            local = torch.tensor([[s.reward.total, s.reward.decision, s.reward.content, s.reward.format,
+                                   len(c.token_ids), float(STOP_TOKEN in c.text), float(s.judge_failed),
+                                   float(s.judge_failed or s.grade is not None)]
+                                  for s, c in zip(scored, completions)], device=accelerator.device)
+            everything = accelerator.gather(local)  # [prompts_per_step * group_size, 8], rank order (collective)
+            stop_if_the_judge_fails(failed=everything[:, 6], asked=everything[:, 7], judge=judge, step=step)
             advantages = group_advantages(everything[:, 0], cfg.group_size, cfg.adv_scale).view(world, -1)[rank]
 
             # ---- 4. update: GRPO loss over micro-batches, backward, one optimizer step (skipped if not finite) --
@@ -178,6 +187,7 @@ def main(argv: list[str] | None = None) -> None:
                 **update,
                 "completion_length": parts[4].item(),
                 "stop_rate": parts[5].item(),
+                "judge_failures": int(everything[:, 6].sum().item()),
                 "tokens_per_second": everything[:, 4].sum().item() / (t1 - t0),
                 "time/generate": t1 - t0,
                 "time/judge": t2 - t1,
@@ -269,6 +279,16 @@ class MetricsLog:
         if self.accelerator.is_main_process:
             with self.path.open("a") as f:
                 f.write(json.dumps({"step": step, **metrics}) + "\n")
+
+
+def stop_if_the_judge_fails(failed: torch.Tensor, asked: torch.Tensor, judge, step: int) -> None:
+    """A run whose grader fails most of its grades trains on zeros: stop it, naming the grader. ``failed`` and
+    ``asked`` (1 per completion the judge was asked about) cover every completion of the step on all processes,
+    so every process decides alike. A failed grade scores content 0 and format 0."""
+    failures, graded = int(failed.sum().item()), int(asked.sum().item())
+    if failures > graded / 2:
+        raise UserError(f"step {step + 1}: {failures} of the {graded} grades from {judge.describe()} failed "
+                        f"({judge.last_problem}); the run stops rather than train on rewards without content scores")
 
 
 def prompts_for_step(num_samples: int, step: int, per_step: int, seed: int) -> list[int]:

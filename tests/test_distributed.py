@@ -213,11 +213,27 @@ def worker(mode: str, out: Path, resume: bool, args: list[str]) -> None:
             accelerator.state.distributed_type = PartialState().distributed_type = DistributedType.FSDP
         # end_training destroys the process group, and this launch trains three times in a row.
         accelerator.end_training = lambda: None
+        accelerator.no_sync = counting(accelerator.no_sync)
         return accelerator
+
+    no_sync_entered = [0]
+
+    def counting(no_sync):
+        def wrapper(model):
+            no_sync_entered[0] += 1
+            return no_sync(model)
+        return wrapper
+
 
     real_update = LocalPolicy.update
 
     def update(self, completions, advantages):
+        import datetime
+
+        backend = torch.distributed.distributed_c10d._get_default_group()._get_backend(torch.device("cpu"))
+        # the configured wait (train.py's default 60 min; gloo's own default is 30, NCCL's 10)
+        assert backend.options._timeout == datetime.timedelta(minutes=self.cfg.dist_timeout_minutes) == \
+            datetime.timedelta(minutes=60)
         if mode == "ddp":
             assert isinstance(self.model, DistributedDataParallel) and self.replica is None
         else:
@@ -239,6 +255,9 @@ def worker(mode: str, out: Path, resume: bool, args: list[str]) -> None:
     if resume:
         train.main([*args, "--output_dir", str(out / "cut"), "--steps", "1"])
         train.main([*args, "--output_dir", str(out / "cut"), "--steps", "2", "--resume", "true"])
+    # Gradient accumulation without syncing: DDP skips the all-reduce of all micro-batches but the last; FSDP2 must
+    # reduce-scatter every one (no_sync would keep a whole, unsharded copy of every gradient in between).
+    assert (no_sync_entered[0] > 0) if mode == "ddp" else (no_sync_entered[0] == 0), no_sync_entered
     (out / f"ran-{mode}").touch()
 
 

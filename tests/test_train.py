@@ -180,3 +180,73 @@ def test_gradient_checkpointing_recomputes_each_layer_during_training(checkpoint
         policy.close()
     passes = 2 if max(len(c.token_ids) for c in completions) > 1 else 1  # prompts, then completions
     assert calls[0] == passes * len(layers) * (2 if checkpointing else 1)
+
+
+def test_a_grader_that_answers_nonsense_stops_the_run_before_step_1(tiny_model_dir, data_files, tmp_path, monkeypatch):
+    """The grader (a ChatStub: test double for a remote LLM judge) answers a poem to every request: the run stops
+    before any training, naming the endpoint, instead of training on content and format scores of 0."""
+    monkeypatch.setenv("OPENAI_API_KEY", "test")
+    with ChatStub(lambda request: "Sure! Here is a poem about clouds.") as stub:
+        with pytest.raises(UserError, match=f"judge at {stub.base_url}.*no readable grade"):
+            train.main(_args(tiny_model_dir, data_files["mixed"], tmp_path / "run", "--steps", "2", "--judge", "openai",
+                             "--judge_url", stub.base_url))
+    assert len(stub.requests) == 4  # the preflight request and its 3 retries
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_judge_failures_are_logged_and_a_step_where_most_fail_stops_the_run(tiny_model_dir, data_files, tmp_path,
+                                                                          monkeypatch):
+    """In steps 1 and 2 the grader (a ChatStub) fails every attempt for one question, the first it sees in the
+    step: counted in ``judge_failures``, and training goes on. From step 3 on every grade fails: the run stops
+    there, naming the endpoint."""
+    monkeypatch.setenv("OPENAI_API_KEY", "test")
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    rows = lambda: [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []  # noqa: E731
+    failing: dict[int, str] = {}  # step -> the graded question that fails in it
+
+    def grader(request: dict) -> str:
+        graded, step = request["messages"][-1]["content"], len(rows()) + 1
+        if "headache since yesterday" in graded:  # the preflight request
+            return _grade(request)
+        if step >= 3 or failing.setdefault(step, graded) == graded:
+            return "I am not sure."
+        return _grade(request)
+
+    with ChatStub(grader) as stub:
+        with pytest.raises(UserError, match=f"step 3: 6 of the 6 grades from the judge at {stub.base_url}"):
+            train.main(_args(tiny_model_dir, data_files["continue"], tmp_path / "run", "--steps", "4",
+                             "--eval_every", "0", "--judge", "openai", "--judge_url", stub.base_url))
+    logged = rows()  # 2 prompts x 3 completions a step, all graded (the tiny model never says <stop />)
+    assert [r["step"] for r in logged] == [1, 2]
+    assert all(1 <= r["judge_failures"] <= 3 for r in logged), [r["judge_failures"] for r in logged]
+
+
+def test_a_colocated_engine_gets_the_memory_between_training_phases(tiny_model_dir, data_files, tmp_path, monkeypatch):
+    """The order of memory hand-overs around a colocated vLLM engine, on a recording stand-in for the engine (it
+    samples with the trained model itself; vLLM's sleep mode works on GPUs only): cached blocks are released
+    before the engine samples and before it syncs, the engine wakes up for the rollouts and sleeps after them."""
+    from accelerate import Accelerator
+
+    from l2a import local_policy
+    from l2a.rollout import HFEngine, SamplingConfig
+
+    events = []
+
+    class Recorder:
+        def __init__(self, policy):
+            self.hf = HFEngine(policy.accelerator.unwrap_model(policy.model), policy.tokenizer)
+
+        def generate(self, chats, n, sampling):
+            events.append("generate")
+            return self.hf.generate(chats, n, sampling)
+
+        def __getattr__(self, name):  # wake_up, sleep, sync_weights, close
+            return lambda *args, **kwargs: events.append(name) or 0.0
+
+    monkeypatch.setattr(local_policy.LocalPolicy, "make_engine", lambda self, path: Recorder(self))
+    monkeypatch.setattr(local_policy, "release_cached_memory", lambda device: events.append("release"))
+    cfg = train.parse_config(_args(tiny_model_dir, data_files["mixed"], tmp_path / "run", "--rollout_engine", "vllm"))
+    policy = train.make_policy(cfg, Accelerator(cpu=True), None)
+    completions = policy.generate([[{"role": "user", "content": "I have a headache."}]], 3, SamplingConfig(max_new_tokens=4))
+    policy.update(completions, torch.tensor([1.0, -1.0, 0.0]))
+    assert events == ["release", "wake_up", "generate", "sleep", "release", "sync_weights"]
