@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
         progress = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps,
                         disable=not accelerator.is_main_process, desc="grpo")
         for step in progress:
-            t0 = time.perf_counter()
+            t0, peaks = time.perf_counter(), DevicePeaks(accelerator.device)
             # ---- 1. rollouts: this process's share of the step's prompts, group_size completions each -----------
             indices = prompts_for_step(len(train_samples), step, cfg.prompts_per_step, cfg.seed)
             my_samples = [train_samples[i] for i in indices[rank::world]]
@@ -153,6 +153,7 @@ def main(argv: list[str] | None = None) -> None:
             chats = [policy_messages(s["messages"], cfg.train_mode) for s in my_samples]
             completions = policy.generate(chats, cfg.group_size, sampling)  # groups contiguous
             t1 = time.perf_counter()
+            peaks.phase("generate")
 
             # ---- 2. rewards: the judge grades correct "continue" questions, compute_reward does the rest --------
             answered = [my_samples[c.prompt_index] for c in completions]
@@ -170,6 +171,7 @@ def main(argv: list[str] | None = None) -> None:
 
             # ---- 4. update: GRPO loss over micro-batches, backward, one optimizer step (skipped if not finite) --
             update = policy.update(completions, advantages)
+            peaks.phase("train")
             if not update.pop("applied"):
                 skipped_steps += 1
                 accelerator.print(f"step {step + 1}: non-finite loss or gradient, update skipped")
@@ -193,6 +195,7 @@ def main(argv: list[str] | None = None) -> None:
                 "time/judge": t2 - t1,
                 "time/train": t3 - t2,
                 "skipped_steps": skipped_steps,
+                **peaks.metrics,
             }
             if eval_samples and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
                 metrics.update(evaluate_heldout(policy, judge, eval_samples, cfg))
@@ -204,9 +207,12 @@ def main(argv: list[str] | None = None) -> None:
         policy.close()  # before end_training, which destroys the default process group (an in-process engine's too)
     accelerator.end_training()
     if accelerator.is_main_process:
-        from l2a.plot import plot_run
-
-        accelerator.print(f"curves: {plot_run(cfg.output_dir)}")
+        try:
+            from l2a.plot import plot_run
+        except ImportError:  # matplotlib: not on every GPU machine; `python -m l2a.plot` draws them later
+            accelerator.print("curves: not drawn (matplotlib is not installed)")
+        else:
+            accelerator.print(f"curves: {plot_run(cfg.output_dir)}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -289,6 +295,23 @@ def stop_if_the_judge_fails(failed: torch.Tensor, asked: torch.Tensor, judge, st
     if failures > graded / 2:
         raise UserError(f"step {step + 1}: {failures} of the {graded} grades from {judge.describe()} failed "
                         f"({judge.last_problem}); the run stops rather than train on rewards without content scores")
+
+
+class DevicePeaks:
+    """On a GPU: the most memory torch allocated in each phase of a step, and what the whole device used at its
+    end (vLLM's engine and other processes included), as ``memory/<phase>_allocated_gb`` / ``_device_gb``."""
+
+    def __init__(self, device: torch.device):
+        self.cuda, self.device, self.metrics = device.type == "cuda", device, {}
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+
+    def phase(self, name: str) -> None:
+        if self.cuda:
+            free, total = torch.cuda.mem_get_info(self.device)
+            self.metrics[f"memory/{name}_allocated_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            self.metrics[f"memory/{name}_device_gb"] = (total - free) / 2**30
+            torch.cuda.reset_peak_memory_stats(self.device)
 
 
 def prompts_for_step(num_samples: int, step: int, per_step: int, seed: int) -> list[int]:

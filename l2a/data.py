@@ -36,9 +36,8 @@ import random
 import re
 import sys
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
-import openai
 from tqdm import tqdm
 
 from l2a.cli import UserError, run_command
@@ -53,6 +52,9 @@ from l2a.endpoint import (
 from l2a.prompts import extraction_messages
 from l2a.reward import DECISIONS
 from l2a.synthetic import synthesize_sessions
+
+if TYPE_CHECKING:
+    import openai
 
 log = logging.getLogger(__name__)
 
@@ -506,6 +508,8 @@ async def _extract_parts(samples: dict[str, list[dict]], args: argparse.Namespac
 
     if args.extractor == "oracle":
         return await run(oracle_extractor)
+    import openai  # here, not at the top: reading samples (train.py) needs no openai
+
     async with openai.AsyncOpenAI(base_url=args.base_url, api_key=key, timeout=args.timeout,
                                   max_retries=0) as client:
         return await run(LLMExtractor(client, args.model, temperature=args.temperature,

@@ -16,9 +16,7 @@ import asyncio
 import os
 import re
 from dataclasses import dataclass
-from typing import Protocol, Sequence
-
-import openai
+from typing import TYPE_CHECKING, Protocol, Sequence
 
 from l2a.cli import UserError
 from l2a.endpoint import RequestFailed, chat, first_choice_text, run_async
@@ -31,6 +29,9 @@ from l2a.reward import (
     compute_reward,
     needs_grade,
 )
+
+if TYPE_CHECKING:
+    import openai
 
 # ---------------------------------------------------------------------------------------------------------------
 # Reading a grader's answer
@@ -170,6 +171,8 @@ class OpenAIJudge:
     async def grade(self, requests: list[JudgeRequest]) -> list[Grade | None]:
         # Client and semaphore are made per call: both bind to the running event loop, and grade_sync starts a
         # new loop each time. The client's own retries are off so that ours are the only ones.
+        import openai  # here, not at the top: the rubric judge needs no openai
+
         slots = asyncio.Semaphore(self.concurrency)
         async with openai.AsyncOpenAI(
             base_url=self.base_url, api_key=self._api_key, timeout=self.timeout, max_retries=0

@@ -199,18 +199,15 @@ def free_port() -> int:
 
 
 def worker(mode: str, out: Path, resume: bool, args: list[str]) -> None:
-    from accelerate import Accelerator, FullyShardedDataParallelPlugin, PartialState
-    from accelerate.utils import DistributedType
+    from accelerate import Accelerator
+    from fsdp_on_cpu import shard_with_fsdp2
     from torch.distributed.tensor import DTensor
     from torch.nn.parallel import DistributedDataParallel
 
     def make_accelerator(*a, **kw) -> Accelerator:
         accelerator = Accelerator(*a, **kw)
-        if mode == "fsdp2":  # see the module docstring: accelerate enables FSDP on GPU groups only
-            accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin(
-                fsdp_version=2, auto_wrap_policy="transformer_based_wrap", state_dict_type="FULL_STATE_DICT")
-            # Both shared states, as AcceleratorState.__init__ does on GPUs (it is re-read from PartialState).
-            accelerator.state.distributed_type = PartialState().distributed_type = DistributedType.FSDP
+        if mode == "fsdp2":  # see tests/fsdp_on_cpu.py: accelerate enables FSDP on GPU groups only
+            shard_with_fsdp2(accelerator)
         # end_training destroys the process group, and this launch trains three times in a row.
         accelerator.end_training = lambda: None
         accelerator.no_sync = counting(accelerator.no_sync)

@@ -119,7 +119,7 @@ def test_killed_run_resumes_exactly(tiny_model_dir, data_files, tmp_path):
     hangs on the first request of step 3, so the kill lands mid-step, after checkpoint 2.
     """
     steps, per_step = 4, 2 * 3  # every tiny-model answer is a "continue" -> one grader call per completion
-    hang_after = 2 * per_step
+    hang_after = 1 + 2 * per_step  # 1: the judge's preflight request
 
     def handler(request: dict):
         if handler.hang and len(stub.requests) > hang_after:

@@ -52,6 +52,7 @@ def test_engine_is_synced_after_every_step(tiny_model_dir, tmp_path, monkeypatch
         return engines[-1]
 
     def update(self, completions, advantages):
+        self.engine.wake_up()  # policy.generate puts it to sleep after the rollouts (a no-op on CPU)
         before = self.engine.generate(chats, 1, GREEDY)
         metrics = real_update(self, completions, advantages)  # optimizer step, then weight sync
         model, pad = self.accelerator.unwrap_model(self.model), self.tokenizer.pad_token_id

@@ -348,7 +348,7 @@ def test_on_gpus_each_trainer_process_runs_its_engine_in_process(tiny_model_dir,
 
     monkeypatch.setattr(vllm, "LLM", Recorder)
     monkeypatch.setattr(current_platform, "is_cpu", lambda: False)
-    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setattr(vllm_engine, "_trainer_processes", lambda: 8)
     engine = vllm_engine.VLLMEngine(str(tiny_model_dir), kv_cache_memory_bytes=None, max_num_batched_tokens=4096)
     assert engine.in_process and asked["distributed_executor_backend"] == "external_launcher"
     assert asked["max_num_batched_tokens"] == 4096 and asked["logprobs_mode"] == "processed_logprobs"
