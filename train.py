@@ -106,6 +106,7 @@ class Config:
     tinker_base_model: str = arg("Qwen/Qwen3-8B", "Base model trained with LoRA on Tinker.")
     lora_rank: int = arg(32, "LoRA rank on Tinker.")
     tinker_loss_fn: Literal["importance_sampling", "ppo"] = arg("importance_sampling", "Tinker's built-in loss: 'importance_sampling' or 'ppo'.")
+    tinker_checkpoint_ttl_hours: int = arg(168, "Tinker deletes a checkpoint's remote state and sampler weights this many hours after saving (0 = never; the final checkpoint's never). Resume before they expire.")
     # --- evaluation, logging, checkpoints -------------------------------------------------------
     eval_every: int = arg(8, "Evaluate on held-out samples every N steps (and at the start and end); 0 = never.")
     eval_samples: int = arg(24, "Held-out samples per evaluation (greedy decoding, one completion each).")
@@ -246,6 +247,9 @@ def check_config(cfg: Config) -> None:
         if cfg.temperature != 1.0 or cfg.top_p != 1.0:
             problems.append("backend tinker trains on untempered, untruncated log-probabilities: set temperature "
                             f"and top_p to 1 (got {cfg.temperature} and {cfg.top_p})")
+        if cfg.tinker_checkpoint_ttl_hours != 0 and not 1 <= cfg.tinker_checkpoint_ttl_hours <= 87_600:
+            problems.append("tinker_checkpoint_ttl_hours must be 0 (never expire) or from 1 to 87600 (Tinker's "
+                            f"limits: 1 hour to 10 years), got {cfg.tinker_checkpoint_ttl_hours}")
     if problems:
         raise UserError("invalid config: " + "; ".join(problems))
 
@@ -253,6 +257,9 @@ def check_config(cfg: Config) -> None:
 def make_policy(cfg: Config, accelerator: Accelerator, resume_from: Path | None):
     """The policy the loop drives: ``generate``, ``update``, ``save``, ``close``."""
     if cfg.backend == "tinker":
+        if accelerator.num_processes > 1:  # each process would start its own Tinker run, saving into one folder
+            raise UserError(f"backend tinker runs in one process (Tinker does the parallel work), got "
+                            f"{accelerator.num_processes}: start it with `python train.py`, not `accelerate launch`")
         from l2a.tinker_backend import TinkerPolicy
 
         return TinkerPolicy(cfg, resume_from)
