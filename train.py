@@ -38,6 +38,7 @@ from l2a.cli import UserError, parse_dataclass, run_command
 from l2a.data import load_samples
 from l2a.grpo import AdvantageScale, KLEstimator, LossAggregation, group_advantages
 from l2a.judges import TRAINING_GRADER, make_judge, score_responses
+from l2a.metrics import compute_metrics, graded_record
 from l2a.model import EMBEDDED_DEFAULT
 from l2a.prompts import STOP_TOKEN, policy_messages
 from l2a.reward import FusionMode, TrainMode
@@ -283,21 +284,27 @@ def prompts_for_step(num_samples: int, step: int, per_step: int, seed: int) -> l
 
 @torch.no_grad()
 def evaluate_heldout(policy, judge, samples: list[dict], cfg: Config) -> dict[str, float]:
-    """Greedy answers to held-out consultations (one each), scored like training rollouts."""
+    """Greedy answers to held-out consultations (one each), graded by the training judge and summarised by the
+    metric code of ``l2a.evaluate`` (``compute_metrics``): every metric ``key`` is logged as ``eval/<key>``.
+
+    Besides those: ``eval/reward``, the training reward (``train_mode``, ``fusion_mode``) to set beside the rollouts'
+    ``reward`` (with the default modes it equals ``eval/ave_total_reward``), and ``eval/decision_accuracy`` and
+    ``eval/stop_accuracy``, the older names of ``eval/ave_total_decision`` and ``eval/ave_stop_decision``. A metric
+    without any pair (no stop sample among ``samples``) is not logged. One greedy answer graded at the training
+    grader's settings is a cheaper protocol than ``l2a.evaluate``'s, so the numbers are comparable within a run.
+    """
     chats = [policy_messages(s["messages"], cfg.train_mode) for s in samples]
     completions = policy.generate(chats, 1, SamplingConfig(temperature=0.0, max_new_tokens=cfg.max_new_tokens))
-    scored = score_responses(judge, samples, [c.text for c in completions], cfg.train_mode, cfg.fusion_mode)
-    rewards = [s.reward for s in scored]
-    is_stop = [s["decision_truth"] == "stop" for s in samples]
-    mean = lambda xs: sum(xs) / max(len(xs), 1)  # noqa: E731
-    return {
-        "eval/reward": mean([r.total for r in rewards]),
-        "eval/decision_accuracy": mean([r.decision for r in rewards]),
-        "eval/stop_accuracy": mean([r.decision for r, s in zip(rewards, is_stop) if s]),
-        "eval/continue_accuracy": mean([r.decision for r, s in zip(rewards, is_stop) if not s]),
-        "eval/content": mean([r.content for r in rewards]),
-        "eval/format": mean([r.format for r in rewards]),
+    answers = [c.text for c in completions]
+    scored = score_responses(judge, samples, answers, cfg.train_mode, cfg.fusion_mode)
+    metrics = compute_metrics(graded_record(s, [a], [g]) for s, a, g in zip(samples, answers, scored))
+    logged = {
+        "eval/reward": sum(s.reward.total for s in scored) / len(scored),
+        "eval/decision_accuracy": metrics["ave_total_decision"],
+        "eval/stop_accuracy": metrics["ave_stop_decision"],
+        **{f"eval/{key}": value for key, value in metrics.items()},
     }
+    return {key: value for key, value in logged.items() if value is not None}
 
 
 def interrupted_hint(argv: list[str]) -> str:
