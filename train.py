@@ -86,7 +86,8 @@ class Config:
     train_mode: TrainMode = arg("Ra+Rs", "Reward: 'Ra+Rs' (paper), 'Ra' (no stop reward/rule), 'Rs' (no question reward).")
     fusion_mode: FusionMode = arg("default", "With Ra+Rs: 'default' = R_s(1+2R_a)+P (hierarchical), 'sum' = R_s+R_a+P.")
     # --- GRPO -------------------------------------------------------------------------------------
-    steps: int = arg(16, "Optimizer steps.")
+    steps: int = arg(16, "Optimizer steps (ignored when epochs is set).")
+    epochs: int = arg(0, "Passes over train_file, the reference's total_epochs: when > 0, steps = ceil(epochs * train samples / prompts_per_step), computed and printed at start-up; 0 = use steps.")
     learning_rate: float = arg(2e-5, "AdamW learning rate, constant (the paper: 5e-7 for 7B).")
     weight_decay: float = arg(0.0, "AdamW weight decay.")
     adv_scale: AdvantageScale = arg("group", "Advantage scaling: 'group' (GRPO), 'batch', or 'none' (Dr. GRPO).")
@@ -121,6 +122,10 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.prompts_per_step % world:
         raise UserError(f"prompts_per_step={cfg.prompts_per_step} must be a multiple of the {world} processes")
     train_samples = load_samples(cfg.train_file)
+    if cfg.epochs:
+        cfg.steps = steps_for_epochs(cfg.epochs, len(train_samples), cfg.prompts_per_step)
+        accelerator.print(f"{cfg.epochs} epochs of {len(train_samples)} samples, {cfg.prompts_per_step} per step: "
+                          f"{cfg.steps} steps")
     eval_samples = load_samples(cfg.eval_file)[: cfg.eval_samples] if cfg.eval_every else []
     judge = make_judge(cfg.judge, cfg.judge_url, cfg.judge_model, cfg.judge_api_key_env, TRAINING_GRADER,
                        cfg.judge_concurrency)
@@ -219,6 +224,11 @@ def check_config(cfg: Config) -> None:
     for name in ("prompts_per_step", "max_new_tokens", "micro_batch_size", "keep_checkpoints"):
         if getattr(cfg, name) < 1:
             problems.append(f"{name} must be at least 1")
+    if cfg.epochs < 0:
+        problems.append("epochs must be 0 (use steps) or more")
+    elif cfg.epochs and cfg.steps != Config.steps:  # a changed steps would be silently replaced: say so instead
+        problems.append(f"steps={cfg.steps} and epochs={cfg.epochs} both set: epochs computes the steps from the "
+                        "train file; give one of them (epochs 0 to use steps)")
     if cfg.temperature <= 0:
         problems.append("temperature must be > 0 for training (greedy sampling has no log-probabilities to train)")
     if cfg.vllm_is_correction and (cfg.rollout_engine != "vllm" or cfg.top_p != 1.0):
@@ -280,6 +290,17 @@ def prompts_for_step(num_samples: int, step: int, per_step: int, seed: int) -> l
         generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
         indices.append(int(torch.randperm(num_samples, generator=generator)[offset]))
     return indices
+
+
+def steps_for_epochs(epochs: int, num_samples: int, per_step: int) -> int:
+    """Optimizer steps for ``epochs`` passes over ``num_samples`` prompts, ``per_step`` a step, rounded up:
+
+        steps = ceil(epochs * num_samples / per_step)      e.g. 4 epochs of 6,909 samples, 64 a step: 432
+
+    ``prompts_for_step`` runs on across epoch boundaries, so these steps draw every sample ``epochs`` times (the
+    last step may take a few prompts of the next epoch's order).
+    """
+    return -(-epochs * num_samples // per_step)
 
 
 @torch.no_grad()

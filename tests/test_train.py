@@ -158,6 +158,27 @@ def test_config_file_and_overrides(tmp_path):
         train.parse_config(["--config", str(path)])
 
 
+def test_epochs_compute_the_steps_from_the_train_file(tiny_model_dir, data_files, judge_url, tmp_path, monkeypatch,
+                                                     capsys):
+    monkeypatch.setenv("OPENAI_API_KEY", "test")
+    five = tmp_path / "five.jsonl"  # 5 samples, 2 per step: one epoch is ceil(5 / 2) = 3 steps
+    five.write_text("".join(data_files["mixed"].read_text().splitlines(keepends=True)[:5]))
+    out = tmp_path / "run"
+    train.main(_args(tiny_model_dir, five, out, "--epochs", "1", "--eval_every", "0", *judge_url))
+    assert "1 epochs of 5 samples, 2 per step: 3 steps" in capsys.readouterr().out
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert [train.steps_for_epochs(e, n, p) for e, n, p in [(1, 5, 2), (4, 1912, 64), (4, 6909, 64), (2, 64, 64)]] == [
+        3, 120, 432, 2]
+
+
+def test_steps_and_epochs_together_are_refused():
+    with pytest.raises(UserError, match="steps=10 and epochs=4 both set"):
+        train.parse_config(["--epochs", "4", "--steps", "10"])
+    with pytest.raises(UserError, match="epochs must be 0"):
+        train.parse_config(["--epochs", "-1"])
+    assert train.parse_config(["--epochs", "0", "--steps", "10"]).steps == 10
+
+
 def test_killed_run_resumes_exactly(tiny_model_dir, data_files, tmp_path):
     """Kill a run while it waits for the grader at step 3, resume it, compare with an uninterrupted run.
 
