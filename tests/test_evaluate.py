@@ -353,6 +353,9 @@ def test_compare_saved_results(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| Metric | trained | base-readme |" in printed
     assert "| Total reward | 3.000 | 1.281 |" in printed and "| Avg. stop decision accuracy | – | – |" in printed
+    # the "if correct" rows: ours computed, the flat file (like a results file saved before them) without them
+    assert "| Avg. continue content (correct continues) | 0.500 | – |" in printed
+    assert "| Win rate (correct continues) | 0.000 | – |" in printed
     assert "Counts: trained: 1 samples, 3 rollouts" in printed
     assert (tmp_path / "table.md").read_text().count("| Total reward |") == 1
     assert (tmp_path / "table.png").stat().st_size > 0
