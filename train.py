@@ -39,6 +39,7 @@ from l2a.cli import UserError, parse_dataclass, run_command
 from l2a.data import load_samples
 from l2a.grpo import AdvantageScale, KLEstimator, LossAggregation, group_advantages
 from l2a.judges import TRAINING_GRADER, make_judge, score_responses
+from l2a.metrics import compute_metrics, graded_record
 from l2a.model import EMBEDDED_DEFAULT
 from l2a.prompts import STOP_TOKEN, policy_messages
 from l2a.reward import FusionMode, TrainMode
@@ -89,7 +90,8 @@ class Config:
     train_mode: TrainMode = arg("Ra+Rs", "Reward: 'Ra+Rs' (paper), 'Ra' (no stop reward/rule), 'Rs' (no question reward).")
     fusion_mode: FusionMode = arg("default", "With Ra+Rs: 'default' = R_s(1+2R_a)+P (hierarchical), 'sum' = R_s+R_a+P.")
     # --- GRPO -------------------------------------------------------------------------------------
-    steps: int = arg(16, "Optimizer steps.")
+    steps: int = arg(16, "Optimizer steps (ignored when epochs is set).")
+    epochs: int = arg(0, "Passes over train_file, the reference's total_epochs: when > 0, steps = ceil(epochs * train samples / prompts_per_step), computed and printed at start-up; 0 = use steps.")
     learning_rate: float = arg(2e-5, "AdamW learning rate, constant (the paper: 5e-7 for 7B).")
     weight_decay: float = arg(0.0, "AdamW weight decay.")
     adv_scale: AdvantageScale = arg("group", "Advantage scaling: 'group' (GRPO), 'batch', or 'none' (Dr. GRPO).")
@@ -128,6 +130,10 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.prompts_per_step % world:
         raise UserError(f"prompts_per_step={cfg.prompts_per_step} must be a multiple of the {world} processes")
     train_samples = load_samples(cfg.train_file)
+    if cfg.epochs:
+        cfg.steps = steps_for_epochs(cfg.epochs, len(train_samples), cfg.prompts_per_step)
+        accelerator.print(f"{cfg.epochs} epochs of {len(train_samples)} samples, {cfg.prompts_per_step} per step: "
+                          f"{cfg.steps} steps")
     eval_samples = load_samples(cfg.eval_file)[: cfg.eval_samples] if cfg.eval_every else []
     judge = make_judge(cfg.judge, cfg.judge_url, cfg.judge_model, cfg.judge_api_key_env, TRAINING_GRADER,
                        cfg.judge_concurrency)
@@ -236,6 +242,11 @@ def check_config(cfg: Config) -> None:
     for name in ("prompts_per_step", "max_new_tokens", "micro_batch_size", "keep_checkpoints"):
         if getattr(cfg, name) < 1:
             problems.append(f"{name} must be at least 1")
+    if cfg.epochs < 0:
+        problems.append("epochs must be 0 (use steps) or more")
+    elif cfg.epochs and cfg.steps != Config.steps:  # a changed steps would be silently replaced: say so instead
+        problems.append(f"steps={cfg.steps} and epochs={cfg.epochs} both set: epochs computes the steps from the "
+                        "train file; give one of them (epochs 0 to use steps)")
     if cfg.temperature <= 0:
         problems.append("temperature must be > 0 for training (greedy sampling has no log-probabilities to train)")
     if cfg.vllm_is_correction and (cfg.rollout_engine != "vllm" or cfg.top_p != 1.0):
@@ -332,23 +343,40 @@ def prompts_for_step(num_samples: int, step: int, per_step: int, seed: int) -> l
     return indices
 
 
+def steps_for_epochs(epochs: int, num_samples: int, per_step: int) -> int:
+    """Optimizer steps for ``epochs`` passes over ``num_samples`` prompts, ``per_step`` a step, rounded up:
+
+        steps = ceil(epochs * num_samples / per_step)      e.g. 4 epochs of 6,909 samples, 64 a step: 432
+
+    ``prompts_for_step`` runs on across epoch boundaries, so these steps draw every sample ``epochs`` times (the
+    last step may take a few prompts of the next epoch's order).
+    """
+    return -(-epochs * num_samples // per_step)
+
+
 @torch.no_grad()
 def evaluate_heldout(policy, judge, samples: list[dict], cfg: Config) -> dict[str, float]:
-    """Greedy answers to held-out consultations (one each), scored like training rollouts."""
+    """Greedy answers to held-out consultations (one each), graded by the training judge and summarised by the
+    metric code of ``l2a.evaluate`` (``compute_metrics``): every metric ``key`` is logged as ``eval/<key>``.
+
+    Besides those: ``eval/reward``, the training reward (``train_mode``, ``fusion_mode``) to set beside the rollouts'
+    ``reward`` (with the default modes it equals ``eval/ave_total_reward``), and ``eval/decision_accuracy`` and
+    ``eval/stop_accuracy``, the older names of ``eval/ave_total_decision`` and ``eval/ave_stop_decision``. A metric
+    without any pair (no stop sample among ``samples``) is not logged. One greedy answer graded at the training
+    grader's settings is a cheaper protocol than ``l2a.evaluate``'s, so the numbers are comparable within a run.
+    """
     chats = [policy_messages(s["messages"], cfg.train_mode) for s in samples]
     completions = policy.generate(chats, 1, SamplingConfig(temperature=0.0, max_new_tokens=cfg.max_new_tokens))
-    scored = score_responses(judge, samples, [c.text for c in completions], cfg.train_mode, cfg.fusion_mode)
-    rewards = [s.reward for s in scored]
-    is_stop = [s["decision_truth"] == "stop" for s in samples]
-    mean = lambda xs: sum(xs) / max(len(xs), 1)  # noqa: E731
-    return {
-        "eval/reward": mean([r.total for r in rewards]),
-        "eval/decision_accuracy": mean([r.decision for r in rewards]),
-        "eval/stop_accuracy": mean([r.decision for r, s in zip(rewards, is_stop) if s]),
-        "eval/continue_accuracy": mean([r.decision for r, s in zip(rewards, is_stop) if not s]),
-        "eval/content": mean([r.content for r in rewards]),
-        "eval/format": mean([r.format for r in rewards]),
+    answers = [c.text for c in completions]
+    scored = score_responses(judge, samples, answers, cfg.train_mode, cfg.fusion_mode)
+    metrics = compute_metrics(graded_record(s, [a], [g]) for s, a, g in zip(samples, answers, scored))
+    logged = {
+        "eval/reward": sum(s.reward.total for s in scored) / len(scored),
+        "eval/decision_accuracy": metrics["ave_total_decision"],
+        "eval/stop_accuracy": metrics["ave_stop_decision"],
+        **{f"eval/{key}": value for key, value in metrics.items()},
     }
+    return {key: value for key, value in logged.items() if value is not None}
 
 
 def interrupted_hint(argv: list[str]) -> str:

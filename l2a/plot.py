@@ -12,13 +12,17 @@ matplotlib.use("Agg")  # no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
 PANELS = [
-    ("Reward (train rollouts)", ["reward", "eval/reward"]),
-    ("Reward parts", ["decision_accuracy", "reward_content", "reward_format"]),
-    ("Held-out decision accuracy", ["eval/decision_accuracy", "eval/stop_accuracy", "eval/continue_accuracy"]),
+    ("Reward (train rollouts; eval/: held-out)", ["reward", "eval/reward"]),
+    ("Reward parts (train rollouts)", ["decision_accuracy", "reward_content", "reward_format"]),
+    ("Held-out decision accuracy", ["eval/decision_accuracy", "eval/stop_accuracy", "eval/ave_continue_decision"]),
+    ("Held-out content and format", ["eval/ave_continue_content", "eval/win_continue_content", "eval/ave_total_format"]),
     ("Policy", ["entropy", "kl_mean", "clip_low_frac", "clip_high_frac"]),
+    ("Groups and stops (train rollouts)", ["stop_rate", "frac_zero_std_groups"]),
     ("Completion length (tokens)", ["completion_length"]),
     ("Seconds per phase", ["time/generate", "time/judge", "time/train"]),
 ]
+"""Panel title -> metrics.jsonl keys; a key a run did not log is left out (the eval/ names are those of
+``l2a.metrics.compute_metrics``, see train.py's ``evaluate_heldout``)."""
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
@@ -38,7 +42,7 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     rows = read_metrics(run_dir)
     out = Path(out) if out else Path(run_dir) / "curves.png"
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    fig, axes = plt.subplots(2, 4, figsize=(20, 8))
     for ax, (title, keys) in zip(axes.flat, PANELS):
         for key in keys:
             points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]

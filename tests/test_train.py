@@ -58,20 +58,30 @@ def _grade(request: dict) -> str:
 
 
 @pytest.fixture(scope="module")
-def judge_url():
+def grader():
     """An OpenAI-compatible grader stub on 127.0.0.1 (test double for a remote LLM judge).
 
     The offline rubric judge gives a random tiny model's gibberish the same reward every time, so the
     advantages, and with them the gradient, would be zero; this grader varies with the response.
     """
     with ChatStub(_grade) as stub:
-        yield ["--judge", "openai", "--judge_url", stub.base_url]
+        yield stub
 
 
-def test_tiny_run_trains_logs_and_saves(tiny_model_dir, data_files, judge_url, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def judge_url(grader):
+    return ["--judge", "openai", "--judge_url", grader.base_url]
+
+
+def test_tiny_run_trains_logs_and_saves(tiny_model_dir, data_files, grader, judge_url, tmp_path, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", "test")
     out = tmp_path / "run"
+    already = len(grader.requests)
     train.main(_args(tiny_model_dir, data_files["mixed"], out, "--steps", "3", "--eval_every", "2", *judge_url))
+    # Training grades with the reference's training grader settings (TRAINING_GRADER), not the evaluation's.
+    asked = grader.requests[already:]
+    assert asked and all((r["temperature"], r["max_tokens"]) == (0.7, 1024) for r in asked)
+    assert not any("top_p" in r or "repetition_penalty" in r for r in asked)
 
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2, 3]
@@ -92,6 +102,42 @@ def test_tiny_run_trains_logs_and_saves(tiny_model_dir, data_files, judge_url, t
     assert (checkpoint / "trainer_state.pt").exists() and (checkpoint / "tokenizer.json").exists()
 
 
+def test_heldout_evaluation_uses_the_metric_code_of_l2a_evaluate(tiny_model_dir, data_files, judge_url, tmp_path,
+                                                                  monkeypatch):
+    """train.py's eval/* keys are l2a.evaluate's grading and ``compute_metrics`` over the same greedy answers.
+
+    The grader is the OpenAI-compatible stub on 127.0.0.1 (a test double for a remote LLM judge).
+    """
+    from accelerate import Accelerator
+
+    from l2a.data import load_samples
+    from l2a.evaluate import run_grading
+    from l2a.judges import TRAINING_GRADER, make_judge
+    from l2a.metrics import METRIC_KEYS, compute_metrics
+    from l2a.prompts import policy_messages
+    from l2a.rollout import SamplingConfig
+
+    monkeypatch.setenv("OPENAI_API_KEY", "test")
+    cfg = train.parse_config(_args(tiny_model_dir, data_files["mixed"], tmp_path / "run", *judge_url))
+    judge = make_judge(cfg.judge, cfg.judge_url, sampling=TRAINING_GRADER)
+    samples = load_samples(data_files["mixed"])[:6]  # 2 stop, 4 continue samples
+    policy = train.make_policy(cfg, Accelerator(cpu=True), None)
+    try:
+        logged = train.evaluate_heldout(policy, judge, samples, cfg)
+        greedy = SamplingConfig(temperature=0.0, max_new_tokens=cfg.max_new_tokens)  # the same answers again
+        answers = [c.text for c in policy.generate([policy_messages(s["messages"]) for s in samples], 1, greedy)]
+    finally:
+        policy.close()
+    graded, _ = run_grading([{**s, "rollouts": [a]} for s, a in zip(samples, answers)], judge,
+                            tmp_path / "graded.jsonl")
+    expected = compute_metrics(graded)
+    assert all(expected[key] is not None for key in METRIC_KEYS)  # every metric has pairs: all are logged
+    assert logged == {"eval/reward": pytest.approx(expected["ave_total_reward"], rel=1e-12),  # default modes
+                      "eval/decision_accuracy": expected["ave_total_decision"],
+                      "eval/stop_accuracy": expected["ave_stop_decision"],
+                      **{f"eval/{key}": value for key, value in expected.items()}}
+
+
 def test_kl_to_reference_is_logged(tiny_model_dir, data_files, judge_url, tmp_path, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", "test")
     out = tmp_path / "run"
@@ -110,6 +156,27 @@ def test_config_file_and_overrides(tmp_path):
     path.write_text("stepz: 7\n")
     with pytest.raises(UserError, match="unknown config keys: stepz"):
         train.parse_config(["--config", str(path)])
+
+
+def test_epochs_compute_the_steps_from_the_train_file(tiny_model_dir, data_files, judge_url, tmp_path, monkeypatch,
+                                                     capsys):
+    monkeypatch.setenv("OPENAI_API_KEY", "test")
+    five = tmp_path / "five.jsonl"  # 5 samples, 2 per step: one epoch is ceil(5 / 2) = 3 steps
+    five.write_text("".join(data_files["mixed"].read_text().splitlines(keepends=True)[:5]))
+    out = tmp_path / "run"
+    train.main(_args(tiny_model_dir, five, out, "--epochs", "1", "--eval_every", "0", *judge_url))
+    assert "1 epochs of 5 samples, 2 per step: 3 steps" in capsys.readouterr().out
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert [train.steps_for_epochs(e, n, p) for e, n, p in [(1, 5, 2), (4, 1912, 64), (4, 6909, 64), (2, 64, 64)]] == [
+        3, 120, 432, 2]
+
+
+def test_steps_and_epochs_together_are_refused():
+    with pytest.raises(UserError, match="steps=10 and epochs=4 both set"):
+        train.parse_config(["--epochs", "4", "--steps", "10"])
+    with pytest.raises(UserError, match="epochs must be 0"):
+        train.parse_config(["--epochs", "-1"])
+    assert train.parse_config(["--epochs", "0", "--steps", "10"]).steps == 10
 
 
 def test_killed_run_resumes_exactly(tiny_model_dir, data_files, tmp_path):
