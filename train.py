@@ -27,12 +27,13 @@ import json
 import sys
 import time
 from dataclasses import asdict, dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Literal
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import InitProcessGroupKwargs, set_seed
 from tqdm import tqdm
 
 from l2a.checkpoint import latest_checkpoint, resume_position, truncate_metrics
@@ -40,7 +41,8 @@ from l2a.cli import UserError, arg, parse_dataclass, run_command
 from l2a.data import batch_indices, load_samples
 from l2a.grpo import AdvantageScale, KLEstimator, LossAggregation, group_advantages
 from l2a.judges import TRAINING_GRADER, make_judge, score_responses
-from l2a.model import EMBEDDED_DEFAULT
+from l2a.metrics import compute_metrics, graded_record
+from l2a.model import EMBEDDED_DEFAULT, fastest_dtype
 from l2a.prompts import STOP_TOKEN, policy_messages
 from l2a.reward import FusionMode, TrainMode
 from l2a.rollout import SamplingConfig
@@ -55,7 +57,7 @@ class Config:
     output_dir: str = arg("runs/default", "Metrics, plots and checkpoints go here.")
     backend: Literal["local", "tinker"] = arg("local", "'local' (torch here, any number of processes) or 'tinker' (sampling and training on Tinker).")
     seed: int = arg(0, "Seeds data order, sampling and initialisation.")
-    dtype: Literal["float32", "float64"] = arg("float32", "Weights and compute of the trained model (and its reference): 'float32', or 'float64' (exact arithmetic, e.g. to check that splitting a batch changes nothing).")
+    dtype: Literal["auto", "float32", "bfloat16", "float64"] = arg("auto", "Precision of training and rollouts: 'bfloat16' (float32 master weights and optimizer, bf16 compute and sampling), 'float32', 'float64' (exact arithmetic, for checks), or 'auto': bfloat16 where the hardware computes it natively (GPUs with bf16, CPUs with AVX512-BF16 or AMX), else float32.")
     # --- rollouts ---------------------------------------------------------------------------------
     prompts_per_step: int = arg(4, "Consultations per optimizer step, over all processes (the paper: 64).")
     group_size: int = arg(4, "Completions sampled per consultation: the GRPO group (the paper: 5).")
@@ -70,7 +72,10 @@ class Config:
     vllm_kv_cache_gb: float = arg(1.0, "KV cache per engine in GiB (required on CPU); 0 = from vllm_gpu_memory_utilization.")
     vllm_gpu_memory_utilization: float = arg(0.3, "GPU share for the engine when vllm_kv_cache_gb is 0; the trainer keeps the rest.")
     vllm_tensor_parallel_size: int = arg(1, "GPUs per engine; one-process runs only (with N processes, one GPU per engine).")
-    vllm_in_process: bool | None = arg(None, "Engine inside the trainer's process (default: yes for one process, else no).")
+    vllm_in_process: bool | None = arg(None, "Engine inside the trainer's process (default: yes, but for several processes on CPU).")
+    vllm_sleep_mode: bool = arg(False, "GPU: the engine frees its weights and KV cache between rollouts (more memory for training).")
+    vllm_max_num_batched_tokens: int = arg(4096, "Tokens vLLM schedules per pass; bounds its activation memory.")
+    vllm_sync_dir: str = arg("", "Folder for weight-sync files of a multi-process engine (CPU); '' = /dev/shm.")
     vllm_is_correction: bool = arg(False, "Weight each token's policy-gradient term by min(pi_trainer/pi_vllm, vllm_is_cap).")
     vllm_is_cap: float = arg(3.0, "Cap C of the truncated importance-sampling weight.")
     # --- reward -----------------------------------------------------------------------------------
@@ -87,7 +92,8 @@ class Config:
     sft_learning_rate: float = arg(5e-5, "AdamW learning rate of the warm start, constant.")
     sft_frozen_layers: int = arg(15, "Bottom decoder layers (and the embeddings) the warm start keeps fixed: about 3x faster steps; GRPO trains every weight.")
     # --- GRPO -------------------------------------------------------------------------------------
-    steps: int = arg(16, "Optimizer steps.")
+    steps: int = arg(16, "Optimizer steps (ignored when epochs is set).")
+    epochs: int = arg(0, "Passes over train_file, the reference's total_epochs: when > 0, steps = ceil(epochs * train samples / prompts_per_step), computed and printed at start-up; 0 = use steps.")
     learning_rate: float = arg(2e-5, "AdamW learning rate, constant (the paper: 5e-7 for 7B).")
     weight_decay: float = arg(0.0, "AdamW weight decay.")
     adv_scale: AdvantageScale = arg("group", "Advantage scaling: 'group' (GRPO), 'batch', or 'none' (Dr. GRPO).")
@@ -98,11 +104,13 @@ class Config:
     loss_agg: LossAggregation = arg("token-mean", "'token-mean', 'seq-mean-token-mean' (GRPO paper) or 'seq-mean-token-sum-norm' (Dr. GRPO).")
     max_grad_norm: float = arg(1.0, "Gradient norm clip.")
     micro_batch_size: int = arg(16, "Completions per forward/backward pass, in whole groups (gradient accumulation inside a step).")
-    gradient_checkpointing: bool = arg(False, "Recompute activations in backward: far less memory, more compute (prompts unshared).")
+    gradient_checkpointing: bool = arg(False, "Recompute each layer's activations in backward: far less memory, ~1/3 more compute.")
+    logprob_chunk_tokens: int = arg(4096, "Completion tokens whose vocabulary logits exist at once (larger batches are chunked).")
     # --- Tinker backend (backend=tinker) ---------------------------------------------------------------
     tinker_base_model: str = arg("Qwen/Qwen3-8B", "Base model trained with LoRA on Tinker.")
     lora_rank: int = arg(32, "LoRA rank on Tinker.")
     tinker_loss_fn: Literal["importance_sampling", "ppo"] = arg("importance_sampling", "Tinker's built-in loss: 'importance_sampling' or 'ppo'.")
+    tinker_checkpoint_ttl_hours: int = arg(168, "Tinker deletes a checkpoint's remote state and sampler weights this many hours after saving (0 = never; the final checkpoint's never). Resume before they expire.")
     # --- evaluation, logging, checkpoints -------------------------------------------------------
     eval_every: int = arg(8, "Evaluate on held-out samples every N steps (and at the start and end); 0 = never.")
     eval_samples: int = arg(24, "Held-out samples per evaluation (greedy decoding, one completion each).")
@@ -110,13 +118,12 @@ class Config:
     keep_checkpoints: int = arg(2, "Keep the newest N checkpoints.")
     resume: bool = arg(False, "Continue from the newest checkpoint in output_dir.")
     log_with: Literal["", "tensorboard", "wandb"] = arg("", "Also log to 'tensorboard' or 'wandb' through accelerate's trackers.")
+    dist_timeout_minutes: int = arg(60, "How long processes wait for each other (NCCL/gloo), e.g. while rank 0 writes a checkpoint (~91 GB for 7B).")
 
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(sys.argv[1:] if argv is None else argv)
-    # Without GPUs, `accelerate launch` runs CPU processes that talk over gloo (DDP).
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with=cfg.log_with or None,
-                              project_dir=cfg.output_dir)
+    accelerator = make_accelerator(cfg)
     set_seed(cfg.seed)
     rank, world = accelerator.process_index, accelerator.num_processes
     if cfg.prompts_per_step % world:
@@ -125,9 +132,14 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError("the warm start (sft_steps) runs in one process: run `python -m l2a.sft` first, then train "
                         "from its checkpoint with --model <checkpoint> --sft_steps 0")
     train_samples = load_samples(cfg.train_file)
+    if cfg.epochs:
+        cfg.steps = steps_for_epochs(cfg.epochs, len(train_samples), cfg.prompts_per_step)
+        accelerator.print(f"{cfg.epochs} epochs of {len(train_samples)} samples, {cfg.prompts_per_step} per step: "
+                          f"{cfg.steps} steps")
     eval_samples = load_samples(cfg.eval_file)[: cfg.eval_samples] if cfg.eval_every else []
     judge = make_judge(cfg.judge, cfg.judge_url, cfg.judge_model, cfg.judge_api_key_env, TRAINING_GRADER,
                        cfg.judge_concurrency)
+    judge.preflight()  # an unreachable or unreadable grader fails here, not after hours of zero rewards
     start_step, skipped_steps, resume_from = 0, 0, None
     if cfg.resume and (resume_from := latest_checkpoint(cfg.output_dir)) is not None:
         start_step, skipped_steps = resume_position(resume_from)
@@ -143,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
         progress = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps,
                         disable=not accelerator.is_main_process, desc="grpo")
         for step in progress:
-            t0 = time.perf_counter()
+            t0, peaks = time.perf_counter(), DevicePeaks(accelerator.device)
             # ---- 1. rollouts: this process's share of the step's prompts, group_size completions each -----------
             indices = batch_indices(len(train_samples), step, cfg.prompts_per_step, cfg.seed, stream="grpo")
             my_samples = [train_samples[i] for i in indices[rank::world]]
@@ -152,21 +164,25 @@ def main(argv: list[str] | None = None) -> None:
             chats = [policy_messages(s["messages"], cfg.train_mode) for s in my_samples]
             completions = policy.generate(chats, cfg.group_size, sampling)  # groups contiguous
             t1 = time.perf_counter()
+            peaks.phase("generate")
 
             # ---- 2. rewards: the judge grades correct "continue" questions, compute_reward does the rest --------
             answered = [my_samples[c.prompt_index] for c in completions]
             scored = score_responses(judge, answered, [c.text for c in completions], cfg.train_mode, cfg.fusion_mode)
-            rewards = [s.reward for s in scored]
             t2 = time.perf_counter()
 
             # ---- 3. advantages: every group is whole on one process; gather so "batch" scaling sees all ---------
-            local = torch.tensor([[r.total, r.decision, r.content, r.format, len(c.token_ids), float(STOP_TOKEN in c.text)]
-                                  for r, c in zip(rewards, completions)], device=accelerator.device)
-            everything = accelerator.gather(local)  # [prompts_per_step * group_size, 6], rank order (collective)
+            local = torch.tensor([[s.reward.total, s.reward.decision, s.reward.content, s.reward.format,
+                                   len(c.token_ids), float(STOP_TOKEN in c.text), float(s.judge_failed),
+                                   float(s.judge_failed or s.grade is not None)]
+                                  for s, c in zip(scored, completions)], device=accelerator.device)
+            everything = accelerator.gather(local)  # [prompts_per_step * group_size, 8], rank order (collective)
+            stop_if_the_judge_fails(failed=everything[:, 6], asked=everything[:, 7], judge=judge, step=step)
             advantages = group_advantages(everything[:, 0], cfg.group_size, cfg.adv_scale).view(world, -1)[rank]
 
             # ---- 4. update: GRPO loss over micro-batches, backward, one optimizer step (skipped if not finite) --
             update = policy.update(completions, advantages)
+            peaks.phase("train")
             if not update.pop("applied"):
                 skipped_steps += 1
                 accelerator.print(f"step {step + 1}: non-finite loss or gradient, update skipped")
@@ -184,11 +200,13 @@ def main(argv: list[str] | None = None) -> None:
                 **update,
                 "completion_length": parts[4].item(),
                 "stop_rate": parts[5].item(),
+                "judge_failures": int(everything[:, 6].sum().item()),
                 "tokens_per_second": everything[:, 4].sum().item() / (t1 - t0),
                 "time/generate": t1 - t0,
                 "time/judge": t2 - t1,
                 "time/train": t3 - t2,
                 "skipped_steps": skipped_steps,
+                **peaks.metrics,
             }
             if eval_samples and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
                 metrics.update(evaluate_heldout(policy, judge, eval_samples, cfg))
@@ -200,9 +218,12 @@ def main(argv: list[str] | None = None) -> None:
         policy.close()  # before end_training, which destroys the default process group (an in-process engine's too)
     accelerator.end_training()
     if accelerator.is_main_process:
-        from l2a.plot import plot_run
-
-        accelerator.print(f"curves: {plot_run(cfg.output_dir)}")
+        try:
+            from l2a.plot import plot_run
+        except ImportError:  # matplotlib: not on every GPU machine; `python -m l2a.plot` draws them later
+            accelerator.print("curves: not drawn (matplotlib is not installed)")
+        else:
+            accelerator.print(f"curves: {plot_run(cfg.output_dir)}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -225,6 +246,11 @@ def check_config(cfg: Config) -> None:
     for name in ("prompts_per_step", "max_new_tokens", "micro_batch_size", "keep_checkpoints"):
         if getattr(cfg, name) < 1:
             problems.append(f"{name} must be at least 1")
+    if cfg.epochs < 0:
+        problems.append("epochs must be 0 (use steps) or more")
+    elif cfg.epochs and cfg.steps != Config.steps:  # a changed steps would be silently replaced: say so instead
+        problems.append(f"steps={cfg.steps} and epochs={cfg.epochs} both set: epochs computes the steps from the "
+                        "train file; give one of them (epochs 0 to use steps)")
     if cfg.temperature <= 0:
         problems.append("temperature must be > 0 for training (greedy sampling has no log-probabilities to train)")
     if cfg.vllm_is_correction and (cfg.rollout_engine != "vllm" or cfg.top_p != 1.0):
@@ -240,13 +266,32 @@ def check_config(cfg: Config) -> None:
         if cfg.temperature != 1.0 or cfg.top_p != 1.0:
             problems.append("backend tinker trains on untempered, untruncated log-probabilities: set temperature "
                             f"and top_p to 1 (got {cfg.temperature} and {cfg.top_p})")
+        if cfg.tinker_checkpoint_ttl_hours != 0 and not 1 <= cfg.tinker_checkpoint_ttl_hours <= 87_600:
+            problems.append("tinker_checkpoint_ttl_hours must be 0 (never expire) or from 1 to 87600 (Tinker's "
+                            f"limits: 1 hour to 10 years), got {cfg.tinker_checkpoint_ttl_hours}")
     if problems:
         raise UserError("invalid config: " + "; ".join(problems))
+
+
+def make_accelerator(cfg: Config) -> Accelerator:
+    """The processes' meeting point (and, for one process, a thin wrapper). Resolves ``dtype: auto``.
+
+    Without GPUs, `accelerate launch` runs CPU processes that talk over gloo (DDP). With ``dtype: bfloat16`` the
+    accelerator runs the model's forward passes under bf16 autocast (mixed precision)."""
+    if cfg.dtype == "auto":  # Tinker trains remotely: the local side only reads tokens and log-probabilities
+        cfg.dtype = "float32" if cfg.backend == "tinker" else fastest_dtype(
+            torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    return Accelerator(cpu=not torch.cuda.is_available(), log_with=cfg.log_with or None,
+                       mixed_precision="bf16" if cfg.dtype == "bfloat16" else "no", project_dir=cfg.output_dir,
+                       kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=cfg.dist_timeout_minutes))])
 
 
 def make_policy(cfg: Config, accelerator: Accelerator, resume_from: Path | None):
     """The policy the loop drives: ``generate``, ``update``, ``save``, ``close``."""
     if cfg.backend == "tinker":
+        if accelerator.num_processes > 1:  # each process would start its own Tinker run, saving into one folder
+            raise UserError(f"backend tinker runs in one process (Tinker does the parallel work), got "
+                            f"{accelerator.num_processes}: start it with `python train.py`, not `accelerate launch`")
         from l2a.tinker_backend import TinkerPolicy
 
         return TinkerPolicy(cfg, resume_from)
@@ -304,23 +349,67 @@ class MetricsLog:
                 f.write(json.dumps({"step": step, **metrics}) + "\n")
 
 
+def stop_if_the_judge_fails(failed: torch.Tensor, asked: torch.Tensor, judge, step: int) -> None:
+    """A run whose grader fails most of its grades trains on zeros: stop it, naming the grader. ``failed`` and
+    ``asked`` (1 per completion the judge was asked about) cover every completion of the step on all processes,
+    so every process decides alike. A failed grade scores content 0 and format 0."""
+    failures, graded = int(failed.sum().item()), int(asked.sum().item())
+    if failures > graded / 2:
+        raise UserError(f"step {step + 1}: {failures} of the {graded} grades from {judge.describe()} failed "
+                        f"({judge.last_problem}); the run stops rather than train on rewards without content scores")
+
+
+class DevicePeaks:
+    """On a GPU: the most memory torch allocated in each phase of a step, and what the whole device used at its
+    end (vLLM's engine and other processes included), as ``memory/<phase>_allocated_gb`` / ``_device_gb``."""
+
+    def __init__(self, device: torch.device):
+        self.cuda, self.device, self.metrics = device.type == "cuda", device, {}
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+
+    def phase(self, name: str) -> None:
+        if self.cuda:
+            free, total = torch.cuda.mem_get_info(self.device)
+            self.metrics[f"memory/{name}_allocated_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            self.metrics[f"memory/{name}_device_gb"] = (total - free) / 2**30
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+
+def steps_for_epochs(epochs: int, num_samples: int, per_step: int) -> int:
+    """Optimizer steps for ``epochs`` passes over ``num_samples`` prompts, ``per_step`` a step, rounded up:
+
+        steps = ceil(epochs * num_samples / per_step)      e.g. 4 epochs of 6,909 samples, 64 a step: 432
+
+    ``l2a.data.batch_indices`` runs on across epoch boundaries, so these steps draw every sample ``epochs`` times (the
+    last step may take a few prompts of the next epoch's order).
+    """
+    return -(-epochs * num_samples // per_step)
+
+
 @torch.no_grad()
 def evaluate_heldout(policy, judge, samples: list[dict], cfg: Config) -> dict[str, float]:
-    """Greedy answers to held-out consultations (one each), scored like training rollouts."""
+    """Greedy answers to held-out consultations (one each), graded by the training judge and summarised by the
+    metric code of ``l2a.evaluate`` (``compute_metrics``): every metric ``key`` is logged as ``eval/<key>``.
+
+    Besides those: ``eval/reward``, the training reward (``train_mode``, ``fusion_mode``) to set beside the rollouts'
+    ``reward`` (with the default modes it equals ``eval/ave_total_reward``), and ``eval/decision_accuracy`` and
+    ``eval/stop_accuracy``, the older names of ``eval/ave_total_decision`` and ``eval/ave_stop_decision``. A metric
+    without any pair (no stop sample among ``samples``) is not logged. One greedy answer graded at the training
+    grader's settings is a cheaper protocol than ``l2a.evaluate``'s, so the numbers are comparable within a run.
+    """
     chats = [policy_messages(s["messages"], cfg.train_mode) for s in samples]
     completions = policy.generate(chats, 1, SamplingConfig(temperature=0.0, max_new_tokens=cfg.max_new_tokens))
-    scored = score_responses(judge, samples, [c.text for c in completions], cfg.train_mode, cfg.fusion_mode)
-    rewards = [s.reward for s in scored]
-    is_stop = [s["decision_truth"] == "stop" for s in samples]
-    mean = lambda xs: sum(xs) / max(len(xs), 1)  # noqa: E731
-    return {
-        "eval/reward": mean([r.total for r in rewards]),
-        "eval/decision_accuracy": mean([r.decision for r in rewards]),
-        "eval/stop_accuracy": mean([r.decision for r, s in zip(rewards, is_stop) if s]),
-        "eval/continue_accuracy": mean([r.decision for r, s in zip(rewards, is_stop) if not s]),
-        "eval/content": mean([r.content for r in rewards]),
-        "eval/format": mean([r.format for r in rewards]),
+    answers = [c.text for c in completions]
+    scored = score_responses(judge, samples, answers, cfg.train_mode, cfg.fusion_mode)
+    metrics = compute_metrics(graded_record(s, [a], [g]) for s, a, g in zip(samples, answers, scored))
+    logged = {
+        "eval/reward": sum(s.reward.total for s in scored) / len(scored),
+        "eval/decision_accuracy": metrics["ave_total_decision"],
+        "eval/stop_accuracy": metrics["ave_stop_decision"],
+        **{f"eval/{key}": value for key, value in metrics.items()},
     }
+    return {key: value for key, value in logged.items() if value is not None}
 
 
 def interrupted_hint(argv: list[str]) -> str:

@@ -35,9 +35,11 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 
 
 def write_checkpoint(output_dir: str | Path, step: int, config: Any, trainer_state: dict,
-                     fill: Callable[[Path], None], keep: int) -> Path:
+                     fill: Callable[[Path], None], keep: int,
+                     on_prune: Callable[[Path], None] | None = None) -> Path:
     """``OUTPUT_DIR/checkpoints/step-N``: ``fill(folder)`` writes the backend's files, then the trainer state
-    and the config are added; the folder appears under its name only when complete. Keeps the newest ``keep``."""
+    and the config are added; the folder appears under its name only when complete. Keeps the newest ``keep``;
+    ``on_prune(folder)`` runs before an older folder is deleted (the Tinker backend deletes its remote copies)."""
     out = checkpoints_dir(output_dir)
     final, tmp = out / f"step-{step:06d}", out / f".tmp-step-{step:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -48,6 +50,8 @@ def write_checkpoint(output_dir: str | Path, step: int, config: Any, trainer_sta
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     for old in sorted(out.glob("step-*"))[:-keep]:
+        if on_prune is not None:
+            on_prune(old)
         shutil.rmtree(old)
     return final
 

@@ -6,7 +6,8 @@ The pipeline of spec section 3, one function per step (and ``python -m l2a.data`
 2. ``split_session``   cut a session after every block of patient messages: the prefix is what the policy
                        sees, the rest of the log (``remaining``) is the *observed future*. Hindsight labels:
                        ``decision_truth`` is "stop" iff the future holds no patient message (the doctor
-                       asked nothing more).
+                       asked nothing more). ``CONSTRUCTIONS``: the paper's samples (whole history; default) or
+                       the reference code's (last round only, plus a stop sample for a trailing doctor-only block).
 3. ``extract_all``     an LLM (``LLMExtractor``) reads each future and lists the facts the doctor went on to
                        elicit (``info_set``); resumable, one JSONL record per finished sample. For synthetic
                        data ``oracle_facts`` reads them from the ground truth instead.
@@ -38,9 +39,8 @@ import random
 import re
 import sys
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
-import openai
 from tqdm import tqdm
 
 from l2a.cli import UserError, run_command
@@ -56,10 +56,20 @@ from l2a.prompts import STOP_TOKEN, extraction_messages
 from l2a.reward import DECISIONS
 from l2a.synthetic import decision_baselines, synthesize_sessions
 
+if TYPE_CHECKING:
+    import openai
+
 log = logging.getLogger(__name__)
 
 ROLES = ("user", "assistant")
 CONTEXTS = ("full", "round")
+CONSTRUCTIONS: dict[str, dict[str, Any]] = {
+    # the paper's C_{t-1}: the whole history before the policy's turn, one sample per patient turn
+    "paper": {"context": "full", "trailing_doctor_round": False},
+    # the reference code's splitter (spec section 3.1), with which its published numbers were made
+    "reference": {"context": "round", "trailing_doctor_round": True},
+}
+"""How sessions become samples (``split_session``'s keyword arguments): ``prepare --construction``."""
 SAMPLE_KEYS = ("cid", "session_id", "diagn", "messages", "decision_truth", "info_truth", "target")
 
 
@@ -214,7 +224,7 @@ def load_samples(path: str | Path) -> list[dict]:
 # Splitting sessions into samples
 
 
-def split_session(session: dict, context: str = "full") -> list[dict]:
+def split_session(session: dict, context: str = "full", trailing_doctor_round: bool = False) -> list[dict]:
     """One sample per round; a round is a block of doctor (non-user) messages, then a block of patient messages.
 
     Each sample: ``cid`` (f"{session_id}_{k}", k = 1, 2, ...), ``session_id``, ``diagn``, ``messages`` (what
@@ -223,8 +233,12 @@ def split_session(session: dict, context: str = "full") -> list[dict]:
 
     ``context="full"``: ``messages`` is the whole history up to the round's end (the paper's C_{t-1}), so
     ``messages + remaining`` is the session. ``context="round"``: only this round's doctor and patient
-    blocks, as the reference code does (spec section 3.1). A trailing doctor block with no patient reply
-    (e.g. the final "<med_search>") gives no sample: there is no patient turn to respond to.
+    blocks, as the reference code does (spec section 3.1).
+
+    A trailing doctor block with no patient reply (e.g. the final "<med_search>") gives no sample by default:
+    there is no patient turn to respond to. ``trailing_doctor_round=True`` keeps it, as the reference's splitter
+    does: one more round whose ``messages`` end with the doctor and whose future is empty, hence a "stop" sample.
+    Session 35310 (28 messages ending in "<med_search>"): 7 samples, 1 stop by default; 8 samples, 2 stop with it.
     """
     if context not in CONTEXTS:
         raise ValueError(f"context must be one of {CONTEXTS}, got {context!r}")
@@ -237,7 +251,7 @@ def split_session(session: dict, context: str = "full") -> list[dict]:
             end += 1
         while end < len(messages) and messages[end]["role"] == "user":
             end += 1
-        if messages[end - 1]["role"] != "user":
+        if messages[end - 1]["role"] != "user" and not trailing_doctor_round:
             break
         remaining = messages[end:]
         samples.append({
@@ -508,8 +522,8 @@ def _load_raw(path: str, skip_bad: bool) -> list[dict]:
     return sessions
 
 
-def _split_all(sessions: list[dict], context: str) -> list[dict]:
-    return [sample for session in sessions for sample in split_session(session, context)]
+def _split_all(sessions: list[dict], construction: str) -> list[dict]:
+    return [sample for session in sessions for sample in split_session(session, **CONSTRUCTIONS[construction])]
 
 
 def _write_part(out: Path, name: str, n_sessions: int, n_samples: int, records: list[dict], counts: dict) -> None:
@@ -518,7 +532,8 @@ def _write_part(out: Path, name: str, n_sessions: int, n_samples: int, records: 
     if not records:
         log.warning("%s has no samples", path)
     failed = f", {counts['dropped_failed']} whose extraction failed" if counts["dropped_failed"] else ""
-    print(f"{path}: {len(records)} samples (continue {counts['continue']}, stop {counts['stop']}) from "
+    stop_share = f" = {counts['stop'] / len(records):.1%}" if records else ""
+    print(f"{path}: {len(records)} samples (continue {counts['continue']}, stop {counts['stop']}{stop_share}) from "
           f"{n_sessions} sessions / {n_samples} rounds; dropped {counts['dropped_empty']} continue samples "
           f"with empty info_truth{failed}")
 
@@ -530,7 +545,7 @@ def _synth(args: argparse.Namespace) -> None:
     print(f"{out / 'sessions.jsonl'}: {len(sessions)} sessions, {len({s['diagn'] for s in sessions})} conditions")
     kept = {}
     for name, part in zip(("train", "test"), split_by_session(sessions, args.test_fraction, args.seed)):
-        samples = _split_all(part, "full")
+        samples = _split_all(part, "paper")
         # The oracle needs no LLM, hence no resumable extraction file either.
         info_sets = {sample["cid"]: oracle_facts(sample["remaining"]) for sample in samples}
         records, counts = build_dataset(samples, info_sets)
@@ -551,6 +566,8 @@ async def _extract_parts(samples: dict[str, list[dict]], args: argparse.Namespac
 
     if args.extractor == "oracle":
         return await run(oracle_extractor)
+    import openai  # here, not at the top: reading samples (train.py) needs no openai
+
     async with openai.AsyncOpenAI(base_url=args.base_url, api_key=key, timeout=args.timeout,
                                   max_retries=0) as client:
         return await run(LLMExtractor(client, args.model, temperature=args.temperature,
@@ -569,7 +586,10 @@ def _prepare(args: argparse.Namespace) -> None:
     else:
         train, test = split_by_session(train, args.test_fraction, args.seed)
     sessions = {"train": train, "test": test}
-    samples = {name: _split_all(part, args.context) for name, part in sessions.items()}
+    construction = CONSTRUCTIONS[args.construction]
+    print(f"construction {args.construction}: context {construction['context']}, trailing doctor-only rounds "
+          f"{'kept as stop samples' if construction['trailing_doctor_round'] else 'dropped'}")
+    samples = {name: _split_all(part, args.construction) for name, part in sessions.items()}
     info_sets = run_async(_extract_parts(samples, args, key))
     # Build both parts before writing either, so a refusal leaves no half-updated output.
     built = {name: build_dataset(samples[name], info_sets[name], args.drop_failed) for name in sessions}
@@ -605,9 +625,12 @@ def _parser() -> argparse.ArgumentParser:
                       help="instead of --test-raw: put this share of the --train-raw sessions in test")
     prepare.add_argument("--seed", type=int, default=0, help="seed of the --test-fraction split (default: 0)")
     prepare.add_argument("--out", required=True, help="output directory")
-    prepare.add_argument("--context", choices=CONTEXTS, default="full",
-                         help="full: the whole history before each patient turn (paper, default); "
-                              "round: only the last doctor and patient blocks (reference code)")
+    prepare.add_argument("--construction", choices=tuple(CONSTRUCTIONS), default="paper",
+                         help="paper (default): each sample sees the whole history before its patient turn, and "
+                              "a session's trailing doctor-only messages give no sample; reference: as the "
+                              "reference code builds them (and its published test set), each sample sees only the "
+                              "last doctor and patient blocks, and trailing doctor-only messages (e.g. "
+                              "'<med_search>') are one more sample, labelled stop")
     prepare.add_argument("--skip-bad", action="store_true",
                          help="skip and count malformed raw lines instead of stopping at the first one")
     prepare.add_argument("--drop-failed", action="store_true",

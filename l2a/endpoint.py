@@ -11,11 +11,12 @@ import asyncio
 import contextlib
 import logging
 import os
-from typing import Any, Awaitable, Callable, TypeVar
-
-import openai
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, TypeVar
 
 from l2a.cli import UserError
+
+if TYPE_CHECKING:  # openai is imported where a request is made: the offline paths (rubric judge) run without it
+    import openai
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -62,6 +63,8 @@ async def chat(
     goes to the request (temperature, max_tokens, top_p, n, extra_body ...). The API key never appears in a
     message, even if a server echoes it.
     """
+    import openai
+
     problem = "no attempt"
     for attempt in range(1 + max_retries):
         if attempt:
@@ -107,6 +110,9 @@ def run_async(coroutine: Awaitable[T]) -> T:
     try:
         return loop.run_until_complete(coroutine)
     except BaseException:
+        # The interrupted tasks end with the interruption or a cancellation: nothing to report about them (asyncio
+        # would print "Task exception was never retrieved" with a traceback when they are collected).
+        loop.set_exception_handler(lambda loop, context: None)
         pending = [task for task in asyncio.all_tasks(loop) if not task.done()]
         for task in pending:
             task.cancel()

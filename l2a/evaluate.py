@@ -5,9 +5,11 @@ The three stages of the reference ``3_rollout_then_evaluate.py`` (spec section 8
 1. rollouts  ``n`` sampled responses per test sample (temperature 1.0, top_p 0.95, 512 new tokens,
              repetition penalty 1.2), from a local checkpoint (``--engine hf|vllm``) or from a model served
              behind an OpenAI-compatible endpoint (``--policy-url``).      -> OUT/rollouts.jsonl
-2. grading   every rollout scored as in training (``compute_reward``); the judge is asked only about correct
+2. grading   every rollout scored as in training (``compute_reward``); the judge (``EVALUATION_GRADER``
+             sampling: the policy's own settings, as in the reference) is asked only about correct
              "continue" decisions.                                          -> OUT/graded.jsonl
-3. metrics   ``compute_metrics`` over all (rollout, grade) pairs.        -> OUT/metrics.{json,md,png}
+3. metrics   ``compute_metrics`` over all (rollout, grade) pairs; an unreadable grade counts as content 0,
+             format 0 (as in the reference) and is asked again by the next run. -> OUT/metrics.{json,md,png}
 
 Stage files are append-only JSONL, one line per finished sample, flushed as soon as it is written: an
 interrupted run loses nothing, and rerunning the same command skips every sample already done (by ``cid``).
@@ -46,7 +48,7 @@ from l2a.metrics import (  # noqa: E402
     METRICS,
     compute_metrics,
     count_pairs,
-    grade_entry,
+    graded_record,
     judge_failed,
 )
 from l2a.prompts import policy_messages  # noqa: E402
@@ -318,8 +320,7 @@ def run_grading(rollout_records: list[dict], judge, path: Path, batch_size: int 
             scored = score_responses(judge, samples, responses)  # one judge batch for the whole chunk
             for record in batch:
                 mine, scored = scored[: len(record["rollouts"])], scored[len(record["rollouts"]) :]
-                grades = [grade_entry(r, record["decision_truth"], s) for r, s in zip(record["rollouts"], mine)]
-                graded = {**record, "grades": grades}
+                graded = graded_record(record, record["rollouts"], mine)
                 append_record(out, graded)
                 done[record["cid"]] = graded
                 stats.done += 1
@@ -369,8 +370,8 @@ def format_table(results: Sequence[dict]) -> str:
         if r.get("counts"):
             c = r["counts"]
             footer.append(f"{r['name']}: {c['samples']} samples, {c['rollouts']} rollouts, {c['continue_pairs']} "
-                          f"continue pairs, {c['stop_pairs']} stop pairs, {c['judge_failures']} judge failures, "
-                          f"{c['skipped_pairs']} skipped pairs")
+                          f"continue pairs, {c['stop_pairs']} stop pairs, {c['judge_failures']} judge failures "
+                          f"(counted as content 0, format 0), {c['skipped_pairs']} skipped pairs")
     return "\n".join(lines + ([""] + ["Counts: " + f for f in footer] if footer else [])) + "\n"
 
 
@@ -596,6 +597,9 @@ def run(args: argparse.Namespace) -> dict:
               "counts": count_pairs(graded), "settings": settings, "timing": timing}
     (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
     print(write_report([result, *columns], out / "metrics.md", out / "metrics.png"))
+    if result["counts"]["judge_failures"]:
+        print(f"{result['counts']['judge_failures']} grades were unreadable and count as content 0, format 0, as in "
+              "the reference; rerun the same command to ask the judge again for them")
     print(f"rollouts: {rollout_stats.done} new samples in {rollout_stats.seconds:.1f} s "
           f"(+{rollout_stats.load_seconds:.1f} s loading), {rollout_stats.tokens} tokens, {speed} | "
           f"grading: {grading_stats.done} new samples in {grading_stats.seconds:.1f} s | "

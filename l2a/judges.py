@@ -16,10 +16,9 @@ import asyncio
 import os
 import re
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import TYPE_CHECKING, Protocol, Sequence
 
-import openai
-
+from l2a.cli import UserError
 from l2a.endpoint import RequestFailed, chat, first_choice_text, run_async
 from l2a.prompts import grader_messages
 from l2a.reward import (
@@ -30,6 +29,9 @@ from l2a.reward import (
     compute_reward,
     needs_grade,
 )
+
+if TYPE_CHECKING:
+    import openai
 
 # ---------------------------------------------------------------------------------------------------------------
 # Reading a grader's answer
@@ -85,6 +87,18 @@ class Judge(Protocol):
     async def grade(self, requests: list[JudgeRequest]) -> list[Grade | None]:
         """Grade a batch; one entry per request, in order, None where no valid grade could be obtained."""
         ...
+
+    def preflight(self) -> None:
+        """Check, before any long work, that the judge answers readable grades; a UserError if not."""
+        ...
+
+
+PREFLIGHT = JudgeRequest(
+    messages=[{"role": "user", "content": "I have had a headache since yesterday."}],
+    response="Where exactly is the headache: the forehead, the temples or the back of the head?",
+    info_truth="symptom location: temples",
+)
+"""The one request a judge must grade before a run starts: any working grader reads it and scores it."""
 
 
 def grade_sync(judge: Judge, requests: list[JudgeRequest]) -> list[Grade | None]:
@@ -152,10 +166,13 @@ class OpenAIJudge:
         self._api_key = os.environ.get(api_key_env) or "EMPTY"
         self.requests = 0
         self.failures = 0
+        self.last_problem = ""
 
     async def grade(self, requests: list[JudgeRequest]) -> list[Grade | None]:
         # Client and semaphore are made per call: both bind to the running event loop, and grade_sync starts a
         # new loop each time. The client's own retries are off so that ours are the only ones.
+        import openai  # here, not at the top: the rubric judge needs no openai
+
         slots = asyncio.Semaphore(self.concurrency)
         async with openai.AsyncOpenAI(
             base_url=self.base_url, api_key=self._api_key, timeout=self.timeout, max_retries=0
@@ -168,9 +185,20 @@ class OpenAIJudge:
             return await chat(client, self.model, grader_messages(request.messages, request.response, request.info_truth),
                               _readable_grade, what="judge", max_retries=self.max_retries, backoff=self.backoff,
                               slots=slots, **self.sampling.request_options())
-        except RequestFailed:
+        except RequestFailed as failure:
             self.failures += 1
+            self.last_problem = str(failure)
             return None
+
+    def describe(self) -> str:
+        return f"the judge at {self.base_url} (model {self.model!r})"
+
+    def preflight(self) -> None:
+        """One request before the run: a grader that cannot be reached, or whose answers are unreadable (not the
+        three tags: a wrong model or prompt format), would otherwise score every question 0 without a word."""
+        if grade_sync(self, [PREFLIGHT])[0] is None:
+            raise UserError(f"{self.describe()} gave no readable grade for a test request: {self.last_problem}. "
+                            "Check that it is running at that URL and serves that model.")
 
 
 def _readable_grade(completion) -> Grade:
@@ -352,6 +380,9 @@ class RubricJudge:
     - 0.0: anything else, and always when ``info_truth`` is empty or "None".
     """
 
+    def preflight(self) -> None:
+        """Nothing to check: the rules run here."""
+
     async def grade(self, requests: list[JudgeRequest]) -> list[Grade | None]:
         return [self.grade_one(r) for r in requests]
 
@@ -417,6 +448,8 @@ class ScoredResponse:
 
     reward: Reward
     grade: Grade | None
+    judge_failed: bool = False
+    """The judge was asked (a correct "continue") and gave no valid grade: content and format count 0."""
 
 
 def _check_samples(samples: Sequence[dict]) -> None:
@@ -448,6 +481,7 @@ def score_responses(
     _check_samples(samples)
 
     to_grade = [i for i, r in enumerate(responses) if needs_grade(r, samples[i]["decision_truth"])]
+    asked = set(to_grade)
     grades: list[Grade | None] = [None] * len(samples)
     if to_grade:
         batch = [JudgeRequest(samples[i]["messages"], responses[i], samples[i]["info_truth"]) for i in to_grade]
@@ -457,6 +491,7 @@ def score_responses(
         for i, grade in zip(to_grade, results):
             grades[i] = grade
     return [
-        ScoredResponse(compute_reward(response, sample["decision_truth"], grade, train_mode, fusion_mode), grade)
-        for sample, response, grade in zip(samples, responses, grades)
+        ScoredResponse(compute_reward(response, sample["decision_truth"], grade, train_mode, fusion_mode), grade,
+                       judge_failed=i in asked and grade is None)
+        for i, (sample, response, grade) in enumerate(zip(samples, responses, grades))
     ]

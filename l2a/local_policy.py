@@ -19,7 +19,6 @@ import contextlib
 import math
 import os
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,15 +28,8 @@ from accelerate.utils import DistributedType
 
 from l2a.checkpoint import checkpoints_dir, load_trainer_state, write_checkpoint
 from l2a.cli import UserError
-from l2a.grpo import grpo_loss, token_entropy, token_logprobs
-from l2a.logprobs import (
-    PackedBatch,
-    completion_logits,
-    full_sequence_logits,
-    pack_completions,
-    sampler_logprobs,
-    to_device,
-)
+from l2a.grpo import grpo_loss
+from l2a.logprobs import allow_checkpointing_with_prompt_cache, completion_logprobs, pack_completions, sampler_logprobs
 from l2a.model import load_model, load_tokenizer
 from l2a.rollout import Completion, HFEngine, SamplingConfig
 from l2a.vllm_engine import full_state_dict_items
@@ -56,11 +48,15 @@ class LocalPolicy:
         self.sharded = accelerator.is_fsdp2  # each process holds one shard of every weight
         path = str(resume_from) if resume_from else cfg.model
         self.tokenizer = load_tokenizer(path)
-        self.dtype = getattr(torch, cfg.dtype)
+        # bfloat16 is mixed precision: float32 master weights and optimizer state, bf16 compute (the accelerator's
+        # autocast) and a bf16 copy of the weights to sample from; float64 is float64 throughout.
+        self.dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
         model = load_model(path, self.dtype)
         model.config.use_cache = False
+        model.train()  # from_pretrained returns eval mode, in which checkpointed layers do not checkpoint
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            allow_checkpointing_with_prompt_cache(model)
         # fused: one kernel for all parameters instead of a dozen elementwise passes (0.65 -> 0.22 s per step
         # for SmolLM2-135M on 2 CPU cores, bench/vs_trl.py); the same AdamW update.
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
@@ -68,14 +64,10 @@ class LocalPolicy:
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         if resume_from:
             self.load_optimizer_state(load_trainer_state(resume_from)["optimizer"])
-        # Checkpointed layers (ours, or accelerate's FSDP activation checkpointing) cannot keep a cache.
-        fsdp_checkpointing = self.sharded and accelerator.state.fsdp_plugin.activation_checkpointing
-        checkpointing = cfg.gradient_checkpointing or fsdp_checkpointing
-        self.completion_logits = full_sequence_logits if checkpointing else completion_logits
         self.reference = None
         if cfg.kl_coef:  # the frozen starting point: never the resumed weights
             self.reference = self.prepare_frozen(load_model(cfg.model, self.dtype).eval().requires_grad_(False))
-        self.replica = None  # a full copy of the weights for the HF engine under FSDP2 (see make_engine)
+        self.replica = None  # a full copy of the weights for the HF engine (see make_engine)
         self.engine = self.make_engine(path)
 
     def prepare_frozen(self, model):
@@ -90,11 +82,14 @@ class LocalPolicy:
     def make_engine(self, path: str):
         cfg, accelerator = self.cfg, self.accelerator
         if cfg.rollout_engine == "hf":
-            if not self.sharded:
+            if not self.sharded and cfg.dtype != "bfloat16":
                 return HFEngine(accelerator.unwrap_model(self.model), self.tokenizer, cfg.generation_batch_size)
-            # A sharded model gathers its weights in every forward pass, a collective, and processes stop
-            # generating at different lengths: sample from a full replica instead, synced after every step.
-            self.replica = load_model(path, self.dtype).to(accelerator.device).eval().requires_grad_(False)
+            # Sample from a full replica of the weights instead, loaded after every step: under FSDP2 a sharded model
+            # gathers its weights in every forward pass, a collective, and processes stop generating at different
+            # lengths; in bfloat16, decoding reads every weight for each token, so a bf16 copy halves what it reads
+            # (autocast would convert the float32 weights at every step instead).
+            dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else self.dtype
+            self.replica = load_model(path, dtype).to(accelerator.device).eval().requires_grad_(False)
             return HFEngine(self.replica, self.tokenizer, cfg.generation_batch_size)
         if cfg.top_p != 1.0:  # vLLM then reports log-probabilities renormalised over the nucleus
             accelerator.print(f"warning: top_p={cfg.top_p}: vLLM's log-probabilities differ from the trainer's")
@@ -112,10 +107,21 @@ class LocalPolicy:
                 tensor_parallel_size=cfg.vllm_tensor_parallel_size,
                 seed=cfg.seed,
                 in_process=cfg.vllm_in_process,
+                sleep_mode=cfg.vllm_sleep_mode,
+                max_num_batched_tokens=cfg.vllm_max_num_batched_tokens,
+                sync_dir=cfg.vllm_sync_dir or None,
             )
 
     def generate(self, chats: list[list[dict]], n: int, sampling: SamplingConfig) -> list[Completion]:
-        return self.engine.generate(chats, n, sampling)
+        """Step 1. A colocated vLLM engine shares the GPU with training: it gets the memory the trainer's allocator
+        cached, wakes up for the rollouts and (vllm_sleep_mode) frees its weights and KV cache again after them."""
+        if self.cfg.rollout_engine != "vllm":
+            return self.engine.generate(chats, n, sampling)
+        release_cached_memory(self.accelerator.device)
+        self.engine.wake_up()
+        completions = self.engine.generate(chats, n, sampling)
+        self.engine.sleep()
+        return completions
 
     def update(self, completions: list[Completion], advantages: torch.Tensor) -> dict[str, float]:
         """Steps 4 and 5: the GRPO loss over micro-batches, one optimizer step, then the weight sync."""
@@ -130,8 +136,10 @@ class LocalPolicy:
         starts = range(0, len(completions), per_micro)
         for i, start in enumerate(starts):
             part = completions[start : start + per_micro]
-            # Only the last micro-batch synchronises gradients across processes.
-            with accelerator.no_sync(model) if i < len(starts) - 1 else contextlib.nullcontext():
+            # DDP: only the last micro-batch all-reduces the gradients. FSDP2 reduce-scatters after every one: skipping
+            # that would keep an unsharded copy of every gradient until the last (~14 GiB per GPU for 7B in bf16).
+            accumulate = i < len(starts) - 1 and not self.sharded
+            with accelerator.no_sync(model) if accumulate else contextlib.nullcontext():
                 loss, part_sums, gap = self.micro_batch_loss(part, advantages[start : start + len(part)], num_tokens)
                 # DDP/FSDP average gradients over processes; the loss already divides by global counts.
                 accelerator.backward(loss * accelerator.num_processes)
@@ -155,23 +163,22 @@ class LocalPolicy:
     def micro_batch_loss(self, part: list[Completion], advantages: torch.Tensor, num_tokens: float):
         """Loss of a few groups (the gradient flows through it) and their statistics summed over tokens."""
         cfg = self.cfg
-        batch = self.pack(part)
+        # Under FSDP every forward pass is a collective; with completions of one token the second pass would be
+        # skipped on some processes only, so pad to two columns there (the padding is masked).
+        batch = pack_completions(part, self.tokenizer.pad_token_id, self.accelerator.device,
+                                 min_width=2 if self.sharded else 1)
         mask = batch.completion_mask
-        logits = self.completion_logits(self.model, batch)
-        logprobs = token_logprobs(logits, batch.completion_ids, cfg.temperature)
-        entropy = token_entropy(logits, cfg.temperature)
-        del logits  # [b, C, V] is the biggest tensor of the step: free it before backward
+        logprobs, entropy = completion_logprobs(self.model, batch, cfg.temperature, cfg.logprob_chunk_tokens)
         ref_logprobs = None
         if self.reference is not None:
             with torch.no_grad():
-                ref_logits = completion_logits(self.reference, batch)
-                ref_logprobs = token_logprobs(ref_logits, batch.completion_ids, cfg.temperature)
+                ref_logprobs, _ = completion_logprobs(self.reference, batch, cfg.temperature, cfg.logprob_chunk_tokens)
         # Summed over tokens; the same keys, in the same order, on every process (they are summed across).
         sums, largest_gap, token_weights = {"entropy": (entropy * mask).sum().item()}, 0.0, None
-        sampled = sampler_logprobs(part, mask.shape[1])  # None with the HF engine
+        sampled = sampler_logprobs(part, mask.shape[1], mask.device)  # None with the HF engine
         if sampled is not None:
             # How far the engine's numbers are from the trainer's, for the same weights and tokens.
-            log_ratio = logprobs.detach() - sampled.to(mask.device)
+            log_ratio = logprobs.detach() - sampled
             gap = log_ratio.abs() * mask
             sums["sampler_logprob_diff"], largest_gap = gap.sum().item(), gap.max().item()
             if cfg.vllm_is_correction:
@@ -200,17 +207,6 @@ class LocalPolicy:
             sums[key] = stats[key].item() * n
         return loss, sums, largest_gap
 
-    def pack(self, part: list[Completion]) -> PackedBatch:
-        """The completions as tensors on this process's device."""
-        batch = pack_completions(part, self.tokenizer.pad_token_id)
-        if self.sharded and batch.completion_ids.shape[1] == 1:
-            # completion_logits skips its second pass when every completion is one token long; under FSDP
-            # each pass is a collective, so all processes must run both: add a padding column (mask 0).
-            pad = torch.full_like(batch.completion_ids, self.tokenizer.pad_token_id)
-            batch = replace(batch, completion_ids=torch.cat([batch.completion_ids, pad], 1),
-                            completion_mask=torch.cat([batch.completion_mask, torch.zeros_like(batch.completion_mask)], 1))
-        return to_device(batch, self.accelerator.device)
-
     def sync_rollout_weights(self) -> float:
         """Make the rollout engine sample with the weights just trained; returns the seconds taken.
 
@@ -219,6 +215,7 @@ class LocalPolicy:
         from the trained module itself, so it needs nothing.
         """
         if self.cfg.rollout_engine == "vllm":
+            release_cached_memory(self.accelerator.device)  # room for the gathered weights and the engine's copy
             return self.engine.sync_weights(full_state_dict_items(self.model))
         if self.replica is None:
             return 0.0
@@ -283,6 +280,13 @@ class LocalPolicy:
                                      cfg.keep_checkpoints)
         accelerator.wait_for_everyone()
         return final
+
+
+def release_cached_memory(device: torch.device) -> None:
+    """Give the blocks torch's CUDA allocator keeps cached back to the GPU, where the colocated vLLM engine (with an
+    allocator of its own) can use them. Nothing to do on CPU."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def across_processes(accelerator: Accelerator, values: list[float], op: str = "sum") -> list[float]:

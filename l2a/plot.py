@@ -17,13 +17,17 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 PANELS = [
     ("Supervised warm start (SFT)", ["sft/loss", "sft/token_accuracy", "sft/decision_accuracy"]),
-    ("Reward (train rollouts)", ["reward", "eval/reward"]),
-    ("Reward parts", ["decision_accuracy", "reward_content", "reward_format"]),
-    ("Held-out decision accuracy", ["eval/decision_accuracy", "eval/stop_accuracy", "eval/continue_accuracy"]),
+    ("Reward (train rollouts; eval/: held-out)", ["reward", "eval/reward"]),
+    ("Reward parts (train rollouts)", ["decision_accuracy", "reward_content", "reward_format"]),
+    ("Held-out decision accuracy", ["eval/decision_accuracy", "eval/stop_accuracy", "eval/ave_continue_decision"]),
+    ("Held-out content and format", ["eval/ave_continue_content", "eval/win_continue_content", "eval/ave_total_format"]),
     ("Policy", ["entropy", "kl_mean", "clip_low_frac", "clip_high_frac"]),
+    ("Groups and stops (train rollouts)", ["stop_rate", "frac_zero_std_groups"]),
     ("Completion length (tokens)", ["completion_length"]),
     ("Seconds per phase", ["time/generate", "time/judge", "time/train"]),
 ]
+"""Panel title -> metrics.jsonl keys; a key a run did not log is left out (the eval/ names are those of
+``l2a.metrics.compute_metrics``, see train.py's ``evaluate_heldout``)."""
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
@@ -43,7 +47,7 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     rows = read_metrics(run_dir)
     out = Path(out) if out else Path(run_dir) / "curves.png"
-    fig, axes = plt.subplots(2, 4, figsize=(20, 8))
+    fig, axes = plt.subplots(3, 3, figsize=(16, 12))
     for ax in axes.flat[len(PANELS):]:
         ax.axis("off")
     warm_start = any(r["step"] < 0 for r in rows)

@@ -96,7 +96,7 @@ class HFEngine:
 
     def _sample(self, prompt_ids: list[list[int]], n: int, sampling: SamplingConfig) -> list[list[int]]:
         batch = self.tokenizer.pad({"input_ids": prompt_ids}, return_tensors="pt")  # left padding
-        input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+        input_ids, attention_mask = batch["input_ids"].to(self.model.device), batch["attention_mask"].to(self.model.device)
         # Prefill all but the last prompt token once per prompt; generate() runs the last one itself.
         prefill = self.model(
             input_ids=input_ids[:, :-1],

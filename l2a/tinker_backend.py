@@ -3,7 +3,8 @@
     TINKER_API_KEY=... python train.py --config configs/tinker_qwen.yaml
 
 ``TinkerPolicy`` has the three methods the loop in ``train.main`` calls, like ``LocalPolicy``; only where the
-model lives changes (the Tinker SDK, ``tinker==0.38.0``, does the GPU work remotely; this process stays on CPU):
+model lives changes (the Tinker SDK, ``tinker==0.38.0``, does the GPU work remotely; this process stays on CPU,
+and there is only one: each process would start a training run of its own, so several are refused):
 
 - ``generate``: ``save_weights_and_get_sampling_client()`` snapshots the current weights into a sampler (Tinker's
   whole "weight sync"), then every prompt's ``sample(prompt, n, params)`` is submitted before any result is
@@ -12,8 +13,11 @@ model lives changes (the Tinker SDK, ``tinker==0.38.0``, does the GPU work remot
   ``importance_sampling`` or ``ppo`` loss, and ``optim_step``, submitted back to back.
 - ``save``: ``save_state`` (weights + Adam moments, what ``--resume`` loads) and ``save_weights_for_sampler``
   (what evaluation samples from), by name; their ``tinker://`` paths go into ``trainer_state.pt`` of the same
-  local checkpoint layout as the local backend. The final save also downloads the LoRA adapter in Hugging Face
-  PEFT format into ``<checkpoint>/adapter`` (best effort: ``tinker checkpoint download`` does it later too).
+  local checkpoint layout as the local backend. Tinker keeps (and bills) these remote copies until they are
+  deleted or expire, so they expire after ``tinker_checkpoint_ttl_hours`` (the final checkpoint's never), and
+  when ``keep_checkpoints`` prunes a local checkpoint its remote copies are deleted too. The final save also
+  exports the LoRA adapter, downloads it and converts it into a Hugging Face PEFT adapter directory
+  ``<checkpoint>/adapter`` (``peft_adapter``; best effort: ``tinker checkpoint download`` fetches it later too).
 
 The same objective as the local backend
 ---------------------------------------
@@ -45,10 +49,19 @@ Choices
   full distribution, and an importance ratio against a tempered or truncated sampler would be wrong.
 - AdamW with ``beta1=0.9, beta2=0.999, eps=1e-8``: torch's AdamW defaults, i.e. exactly the local backend's
   optimizer (Tinker's and the cookbook's default ``beta2=0.95`` adapts faster but would change the experiment).
+- Seeds: a request for ``n > 1`` samples of one prompt goes without a seed, as in the tinker-cookbook's RL loop.
+  With an integer seed the service has been reported to return many token-identical samples in one such request
+  (tinker-feedback issue #79), and a group of copies has zero advantage: paid tokens with nothing to learn. The
+  alternative, ``n`` single-sample requests with seeds of their own, would prefill (and bill) every prompt ``n``
+  times and still not make a run reproducible: the service does not promise deterministic seeded sampling
+  (tinker-cookbook issue #206 reports seeded samples that differ). Single-sample requests (evaluation) keep
+  their seed. Neither behaviour was measured here (no live service); the test double reproduces the report.
 - Failures: the SDK already retries connection errors, timeouts, 408/409/429 and 5xx with exponential backoff
   (about 5 minutes for training calls, with a progress timeout for sampling), and a training client whose request
   failed refuses all further requests. So nothing here retries again: a call that still fails stops the run
-  with an ``error:`` line naming the last good checkpoint, and ``--resume`` continues from its saved state.
+  with an ``error:`` line naming the last good checkpoint, and ``--resume`` continues from its saved state. That
+  includes creating the clients: the SDK contacts the service inside the creating call itself (the first one
+  opens the session), so a bad key or an unreachable service fails there, not only in the future it returns.
 - Logged per-token statistics: ``ratio_mean`` and the clip fractions come from the trainer log-probabilities
   that ``forward_backward`` returns (clip fractions are 0 for ``importance_sampling``, which has no clip);
   ``entropy`` is the sample estimate ``mean(-logp_sampler)`` (the expected surprisal is the entropy);
@@ -57,17 +70,21 @@ Choices
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import json
 import logging
 import math
 import os
+import re
 import shutil
 import urllib.request
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 from l2a.checkpoint import STATE_FILE, load_trainer_state, write_checkpoint
 from l2a.cli import UserError
@@ -83,10 +100,12 @@ except ImportError:  # an optional dependency: only backend=tinker needs it
 log = logging.getLogger(__name__)
 
 API_KEY_ENV = "TINKER_API_KEY"
+EXPORT_TTL_SECONDS = 3600  # the shortest TTL Tinker accepts; the adapter export only lives until it is downloaded
 
 
-class TinkerFailure(RuntimeError):
-    """A Tinker call failed after the SDK's own retries."""
+class TinkerFailure(UserError):
+    """A Tinker call failed after the SDK's own retries: one ``error:`` line (``l2a.cli.run_command``), and in
+    training one that names the checkpoint to resume from (``_stops_cleanly``)."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -149,6 +168,69 @@ def ppo_loss_config(clip_low: float, clip_high: float) -> dict[str, float]:
 
 
 # --------------------------------------------------------------------------------------------------
+# The trained adapter: Tinker's export as a Hugging Face PEFT adapter.
+# --------------------------------------------------------------------------------------------------
+
+ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
+LORA_KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<half>[AB])\.weight")
+# Tinker's module names that differ from the Hugging Face model's: the output projection (the "unembedding").
+HF_MODULE = {"model.unembed_tokens": "lm_head"}
+
+
+def peft_adapter(export: Path, dest: Path, base_model: str) -> None:
+    """Tinker's LoRA export (``save_weights_external``) as a PEFT adapter directory ``dest``.
+
+    The export uses PEFT's file names, ``adapter_model.safetensors`` with keys
+    ``base_model.model.<module>.lora_A.weight`` (shape rank x in) and ``.lora_B.weight`` (out x rank) and
+    ``adapter_config.json`` with ``r`` and ``lora_alpha``, but Tinker's module names: the output projection is
+    ``model.unembed_tokens`` where a Hugging Face model has ``lm_head`` (the tinker-cookbook's
+    ``build_lora_adapter`` renames it the same way). ``dest`` gets the same tensors under the model's names and a
+    complete PEFT config (``target_modules``, ``base_model_name_or_path``, ``task_type``), e.g.
+
+        base_model.model.model.unembed_tokens.lora_B.weight  ->  base_model.model.lm_head.lora_B.weight
+
+    For a model with tied embeddings the cookbook maps the unembedding LoRA onto ``embed_tokens`` instead (the
+    shared matrix, which is what a merge must change); here it stays on ``lm_head``, the output projection it
+    was named after. Which of the two matches Tinker's forward pass for tied models was not checked; the
+    preset's Qwen3-8B has a separate ``lm_head``, where both agree. Expert (3-D) tensors of mixture-of-experts
+    models are refused (ValueError): the cookbook's converter handles them.
+    """
+    config_file, weights_file = export / ADAPTER_CONFIG, export / ADAPTER_WEIGHTS
+    config = json.loads(config_file.read_text())
+    for key in ("r", "lora_alpha"):
+        if not isinstance(config.get(key), (int, float)):
+            raise ValueError(f"{config_file}: no {key!r} (not a Tinker LoRA export?)")
+    renamed: dict[str, torch.Tensor] = {}
+    for key, tensor in load_file(weights_file).items():
+        match = LORA_KEY.fullmatch(key)
+        if match is None:
+            raise ValueError(f"{weights_file}: {key!r} is not a LoRA tensor")
+        if tensor.dim() != 2:
+            raise ValueError(f"{weights_file}: {key} is {tensor.dim()}-D (mixture-of-experts LoRA); convert it with "
+                             "the tinker-cookbook's build_lora_adapter")
+        module = HF_MODULE.get(match["module"], match["module"])
+        new_key = f"base_model.model.{module}.lora_{match['half']}.weight"
+        if new_key in renamed:
+            raise ValueError(f"{weights_file}: two tensors for {new_key}")
+        renamed[new_key] = tensor
+    modules = {LORA_KEY.fullmatch(key)["module"] for key in renamed}
+    for module in modules:
+        a, b = (renamed.get(f"base_model.model.{module}.lora_{half}.weight") for half in "AB")
+        if a is None or b is None or a.shape[0] != config["r"] or b.shape[1] != config["r"]:
+            raise ValueError(f"{weights_file}: {module} lacks a lora_A (r x in) and lora_B (out x r) pair of "
+                             f"rank {config['r']}")
+    dest.mkdir(parents=True)
+    save_file(renamed, dest / ADAPTER_WEIGHTS, metadata={"format": "pt"})  # the metadata transformers expects
+    peft_config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+        "r": config["r"], "lora_alpha": config["lora_alpha"], "lora_dropout": 0.0, "bias": "none",
+        "target_modules": sorted({module.rsplit(".", 1)[-1] for module in modules}),
+        "fan_in_fan_out": False, "inference_mode": True,
+    }
+    (dest / ADAPTER_CONFIG).write_text(json.dumps(peft_config, indent=2) + "\n")
+
+
+# --------------------------------------------------------------------------------------------------
 # Talking to the service.
 # --------------------------------------------------------------------------------------------------
 
@@ -161,12 +243,21 @@ def require_api_key() -> None:
         raise UserError(f"backend=tinker needs a Tinker API key in the environment variable {API_KEY_ENV}")
 
 
-def _wait(future: Any, what: str) -> Any:
-    """The result of a Tinker future. The SDK has retried transient errors already; what still fails is final."""
+@contextlib.contextmanager
+def _tinker_call(what: str) -> Iterator[None]:
+    """Whatever the SDK calls inside raise becomes one ``TinkerFailure`` naming ``what``: failures of the call
+    itself (the SDK may contact the service there) as well as of the future it returns. The SDK has retried
+    transient errors already; what still fails is final."""
     try:
-        return future.result()
-    except Exception as error:  # only the SDK runs here
+        yield
+    except Exception as error:  # only SDK calls run inside
         raise TinkerFailure(f"Tinker {what} failed: {type(error).__name__}: {error}") from error
+
+
+def _wait(future: Any, what: str) -> Any:
+    """The result of a Tinker future (``_tinker_call`` for its failures)."""
+    with _tinker_call(what):
+        return future.result()
 
 
 class TinkerEngine:
@@ -197,20 +288,23 @@ class TinkerEngine:
             if sampler_path is None:
                 raise UserError(f"{state_file}: no tinker_sampler_path (not written by backend=tinker)")
             path, tokenizer_source = sampler_path, tokenizer_source or str(Path(path))
-        try:
-            client = _wait(tinker.ServiceClient().create_sampling_client(model_path=path), f"sampler for {path}")
-        except TinkerFailure as failure:
-            raise UserError(str(failure)) from failure
-        tokenizer = load_tokenizer(tokenizer_source) if tokenizer_source else client.get_tokenizer()
+        with _tinker_call(f"sampler for {path}"):
+            client = tinker.ServiceClient().create_sampling_client(model_path=path).result()
+        if tokenizer_source:
+            tokenizer = load_tokenizer(tokenizer_source)
+        else:
+            with _tinker_call(f"tokenizer of {path}"):
+                tokenizer = client.get_tokenizer()
         return cls(client, tokenizer)
 
     def generate(self, prompts: Sequence[list[dict]], n: int, sampling: SamplingConfig) -> list[Completion]:
         encoded = [encode_chat(self.tokenizer, chat) for chat in prompts]
+        # No seed when asking for several samples: seeded, they can come back as copies ("Seeds" above).
+        seeds = [sampling.seed + i if n == 1 else None for i in range(len(encoded))]
         # Submit everything first: the service batches concurrent requests, awaiting one by one would serialise.
-        futures = [
-            self.sampling_client.sample(tinker.ModelInput.from_ints(ids), n, self._params(sampling, sampling.seed + i))
-            for i, ids in enumerate(encoded)
-        ]
+        with _tinker_call("sampling"):
+            futures = [self.sampling_client.sample(tinker.ModelInput.from_ints(ids), n, self._params(sampling, seed))
+                       for ids, seed in zip(encoded, seeds)]
         completions = []
         for prompt_index, (ids, future) in enumerate(zip(encoded, futures)):
             sequences = _wait(future, "sampling").sequences
@@ -222,7 +316,7 @@ class TinkerEngine:
                 completions.append(Completion(prompt_index, ids, tokens, text, sequence.stop_reason, sequence.logprobs))
         return completions
 
-    def _params(self, sampling: SamplingConfig, seed: int) -> tinker.SamplingParams:
+    def _params(self, sampling: SamplingConfig, seed: int | None) -> tinker.SamplingParams:
         if sampling.repetition_penalty != 1.0 and not self._warned_penalty:
             log.warning("Tinker sampling has no repetition penalty; ignoring repetition_penalty=%s",
                         sampling.repetition_penalty)
@@ -266,10 +360,11 @@ class TinkerPolicy:
         require_api_key()
         self.cfg = cfg
         self.last_checkpoint = resume_from
-        self.service = tinker.ServiceClient()
+        self.service = tinker.ServiceClient()  # contacts the service only when its first client is made
+        self._rest = None  # a tinker.RestClient (deleting checkpoints, export URLs), made when first needed
         if resume_from is None:
-            future = self.service.create_lora_training_client(
-                base_model=cfg.tinker_base_model, rank=cfg.lora_rank, seed=cfg.seed)
+            create = functools.partial(self.service.create_lora_training_client,
+                                       base_model=cfg.tinker_base_model, rank=cfg.lora_rank, seed=cfg.seed)
         else:
             state_file = resume_from / STATE_FILE
             state = load_trainer_state(resume_from)
@@ -279,18 +374,22 @@ class TinkerPolicy:
                 raise UserError(f"{state_file}: trained on {state['tinker_base_model']}, "
                                  f"but tinker_base_model is {cfg.tinker_base_model}")
             # Weights and Adam moments: the resumed run continues as if it had never stopped.
-            future = self.service.create_training_client_from_state_with_optimizer(state["tinker_state_path"])
-        self.training_client = _wait(future, "creating the training client")
+            create = functools.partial(self.service.create_training_client_from_state_with_optimizer,
+                                       state["tinker_state_path"])
+        with _tinker_call("creating the training client"):
+            self.training_client = create().result()
         if Path(cfg.model).is_dir():  # a local copy of the base model's tokenizer (tests use a tiny one)
             self.tokenizer = load_tokenizer(cfg.model)
         else:
-            self.tokenizer = self.training_client.get_tokenizer()
+            with _tinker_call(f"tokenizer of {cfg.tinker_base_model}"):
+                self.tokenizer = self.training_client.get_tokenizer()
         self.engine: TinkerEngine | None = None  # a sampler with the current weights, made when first needed
 
     @_stops_cleanly
     def generate(self, chats: list[list[dict]], n: int, sampling: SamplingConfig) -> list[Completion]:
         if self.engine is None:
-            sampler = _wait(self.training_client.save_weights_and_get_sampling_client(), "sampler weights sync")
+            with _tinker_call("sampler weights sync"):
+                sampler = self.training_client.save_weights_and_get_sampling_client().result()
             self.engine = TinkerEngine(sampler, self.tokenizer)
         return self.engine.generate(chats, n, sampling)
 
@@ -304,10 +403,12 @@ class TinkerPolicy:
         kept = [(c, a) for c, a in zip(completions, scaled) if c.token_ids]
         datums = [completion_datum(c, a) for c, a in kept]
         config = ppo_loss_config(cfg.clip_low, cfg.clip_high) if cfg.tinker_loss_fn == "ppo" else None
-        backward = self.training_client.forward_backward(datums, loss_fn=cfg.tinker_loss_fn, loss_fn_config=config)
-        step = self.training_client.optim_step(tinker.AdamParams(
-            learning_rate=cfg.learning_rate, beta1=0.9, beta2=0.999, eps=1e-8,
-            weight_decay=cfg.weight_decay, grad_clip_norm=cfg.max_grad_norm))
+        adam = tinker.AdamParams(learning_rate=cfg.learning_rate, beta1=0.9, beta2=0.999, eps=1e-8,
+                                 weight_decay=cfg.weight_decay, grad_clip_norm=cfg.max_grad_norm)
+        with _tinker_call("submitting forward_backward and optim_step"):
+            backward = self.training_client.forward_backward(datums, loss_fn=cfg.tinker_loss_fn,
+                                                             loss_fn_config=config)
+            step = self.training_client.optim_step(adam)
         output = _wait(backward, "forward_backward")
         optim = _wait(step, "optim_step")
         self.engine = None  # the weights changed: the next generate samples from a fresh snapshot
@@ -322,11 +423,17 @@ class TinkerPolicy:
 
     @_stops_cleanly
     def save(self, step: int, trainer_state: dict) -> Path:
-        """Tinker state + sampler weights by name, their paths in ``trainer_state.pt``, written atomically."""
+        """Tinker state + sampler weights by name, their paths in ``trainer_state.pt``, written atomically.
+
+        The remote copies expire after ``tinker_checkpoint_ttl_hours`` (0: never), except the final checkpoint's;
+        those of a checkpoint that ``keep_checkpoints`` prunes are deleted with its folder."""
         cfg = self.cfg
         name = f"step-{step:06d}"
-        state_future = self.training_client.save_state(name)
-        sampler_future = self.training_client.save_weights_for_sampler(name)
+        final = step == cfg.steps
+        ttl = cfg.tinker_checkpoint_ttl_hours * 3600 if cfg.tinker_checkpoint_ttl_hours and not final else None
+        with _tinker_call("submitting save_state and save_weights_for_sampler"):
+            state_future = self.training_client.save_state(name, ttl_seconds=ttl)
+            sampler_future = self.training_client.save_weights_for_sampler(name, ttl_seconds=ttl)
         tinker_paths = {
             "tinker_state_path": _wait(state_future, "save_state").path,
             "tinker_sampler_path": _wait(sampler_future, "save_weights_for_sampler").path,
@@ -336,36 +443,79 @@ class TinkerPolicy:
 
         def fill(folder: Path) -> None:
             self.tokenizer.save_pretrained(folder)  # so evaluation needs no network for the tokenizer
-            if step == cfg.steps:
-                self._download_adapter(name, folder / "adapter", tinker_paths["tinker_state_path"])
+            if final:
+                self._download_adapter(name, folder, tinker_paths["tinker_state_path"])
 
-        # Pruning removes local folders only; the Tinker-side states stay (`tinker checkpoint list`).
         self.last_checkpoint = write_checkpoint(cfg.output_dir, step, cfg, {**trainer_state, **tinker_paths}, fill,
-                                                cfg.keep_checkpoints)
+                                                cfg.keep_checkpoints, on_prune=self._delete_remote_copies)
         return self.last_checkpoint
 
     def close(self) -> None:
         """Nothing runs here: the service holds the model."""
 
-    def _download_adapter(self, name: str, dest: Path, state_path: str) -> None:
-        """The LoRA adapter in Hugging Face PEFT format (``adapter_config.json``, ``adapter_model.safetensors``).
+    def _download_adapter(self, name: str, checkpoint: Path, state_path: str) -> None:
+        """``<checkpoint>/adapter``: the LoRA adapter as a Hugging Face PEFT adapter (``peft_adapter``).
 
-        Best effort: the checkpoint is complete without it, so a failure only warns how to fetch it later.
+        Best effort: the checkpoint is complete without it, so a failure only warns. An export that downloads
+        but does not convert stays as Tinker wrote it, in ``<checkpoint>/adapter-tinker``.
         """
+        export, dest = checkpoint / "adapter-tinker", checkpoint / "adapter"
         try:
-            export = _wait(self.training_client.save_weights_external(name), "save_weights_external").path
-            urls = _wait(self.service.create_rest_client().get_external_weights_urls(export), "export URLs").urls
+            self._download_export(name, export)
+        except (TinkerFailure, OSError, ValueError) as error:
+            shutil.rmtree(export, ignore_errors=True)
+            log.warning("could not download the LoRA adapter (%s); the checkpoint is complete without it. Fetch "
+                        "it later with `tinker checkpoint download %s`, then convert it with "
+                        "l2a.tinker_backend.peft_adapter", error, state_path)
+            return
+        try:
+            peft_adapter(export, dest, self.cfg.tinker_base_model)
+        except (OSError, ValueError) as error:
+            shutil.rmtree(dest, ignore_errors=True)
+            log.warning("the LoRA adapter is not converted to PEFT (%s); Tinker's export of it is kept in the "
+                        "checkpoint's %s folder", error, export.name)
+            return
+        shutil.rmtree(export)
+
+    def _download_export(self, name: str, into: Path) -> None:
+        """The current weights exported by Tinker (``save_weights_external``), downloaded file by file. The
+        export is a temporary copy: deleted once downloaded, and set to expire within the hour if that fails."""
+        with _tinker_call("save_weights_external"):
+            export = self.training_client.save_weights_external(name, ttl_seconds=EXPORT_TTL_SECONDS).result().path
+        try:
+            with _tinker_call("export URLs"):
+                urls = self._rest_client().get_external_weights_urls(export).result().urls
             for relative, url in urls.items():
-                target = (dest / relative).resolve()
-                if not target.is_relative_to(dest.resolve()):
+                target = (into / relative).resolve()
+                if not target.is_relative_to(into.resolve()):
                     raise ValueError(f"unsafe file name in the export: {relative!r}")
                 target.parent.mkdir(parents=True, exist_ok=True)
                 with urllib.request.urlopen(url, timeout=60) as response, open(target, "wb") as f:
                     shutil.copyfileobj(response, f)
-        except (TinkerFailure, OSError, ValueError) as error:
-            shutil.rmtree(dest, ignore_errors=True)
-            log.warning("could not download the LoRA adapter (%s); the checkpoint is complete without it. "
-                        "Fetch it later with: tinker checkpoint download %s", error, state_path)
+        finally:
+            self._delete_remote(export)
+
+    def _delete_remote_copies(self, checkpoint: Path) -> None:
+        """The Tinker state and sampler weights of a local checkpoint that is being pruned."""
+        state = load_trainer_state(checkpoint, mmap=True)
+        for key in ("tinker_state_path", "tinker_sampler_path"):
+            if key in state:
+                self._delete_remote(state[key])
+
+    def _delete_remote(self, tinker_path: str) -> None:
+        """Delete a checkpoint on Tinker; best effort, as it expires by its TTL anyway (unless it was final)."""
+        try:
+            with _tinker_call(f"deleting {tinker_path}"):
+                self._rest_client().delete_checkpoint_from_tinker_path(tinker_path).result()
+        except TinkerFailure as failure:
+            log.warning("%s; it stays on Tinker until it expires, or `tinker checkpoint delete %s`", failure,
+                        tinker_path)
+
+    def _rest_client(self) -> Any:
+        """``tinker.RestClient`` (no session; constructing it contacts the service, so call inside _tinker_call)."""
+        if self._rest is None:
+            self._rest = tinker.RestClient()
+        return self._rest
 
 
 def token_stats(kept: list[tuple[Completion, float]], outputs: list[dict], cfg) -> dict[str, float]:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import random
 import shutil
@@ -43,6 +44,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 from transformers import AutoConfig, GenerationConfig
 
+from l2a.cli import UserError
 from l2a.model import load_tokenizer, resolve_model_path
 from l2a.rollout import Completion, SamplingConfig, encode_chat, stop_token_ids
 
@@ -113,7 +115,13 @@ class VLLMEngine:
         tensor_parallel_size: workers the model is split over (forces the multi-process engine).
         enforce_eager: skip CUDA graphs / torch.compile (start-up is much faster).
         seed: engine seed; each ``generate`` call is seeded from ``SamplingConfig.seed`` anyway.
-        in_process: run the engine inside this process (see ``_default_in_process``).
+        in_process: run the engine inside this process (see ``_default_in_process``). On GPU under a
+            multi-process trainer the engine joins the trainer's processes (vLLM's ``external_launcher``), so
+            weights are synced in memory; only a multi-process engine on CPU syncs through files.
+        max_num_batched_tokens: tokens vLLM schedules per forward pass; its memory profiler sizes activations
+            by it, and the colocated trainer needs the rest of the GPU (TRL uses 4,096 for the same reason).
+        sync_dir: where a multi-process engine's sync writes its files (default: RAM-backed ``/dev/shm``);
+            its free space is checked when the engine starts (``check_sync_space``).
         sync_bucket_bytes: multi-process sync writes the weights in files of about this size.
     """
 
@@ -130,6 +138,8 @@ class VLLMEngine:
         enforce_eager: bool = True,
         seed: int = 0,
         in_process: bool | None = None,
+        max_num_batched_tokens: int | None = None,
+        sync_dir: str | None = None,
         sync_bucket_bytes: int = 256 * 2**20,
     ):
         from vllm import LLM
@@ -142,10 +152,12 @@ class VLLMEngine:
                 "on CPU, set kv_cache_memory_bytes (vLLM would otherwise try to reserve most of the RAM)"
             )
         if in_process is None:
-            in_process = _default_in_process(tensor_parallel_size)
+            in_process = _default_in_process(tensor_parallel_size, self.on_cpu)
         if in_process and tensor_parallel_size > 1:
             raise ValueError("tensor_parallel_size > 1 needs the multi-process engine (in_process=False)")
         self.in_process = in_process
+        # GPU and several trainer processes: the engine lives in this process and joins their group.
+        external_launcher = in_process and not self.on_cpu and _trainer_processes() > 1
         self.sleep_mode = sleep_mode and not self.on_cpu
         self.sync_bucket_bytes = sync_bucket_bytes
         self.dtype = getattr(torch, dtype)
@@ -158,6 +170,10 @@ class VLLMEngine:
             # vLLM computes the logits with the embedding matrix and never reads lm_head.weight.
             self.expected_shapes.pop(TIED_HEAD, None)
         self._asleep = False
+        self.sync_dir = sync_dir or ("/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir())
+        if not in_process:
+            weights = sum(math.prod(shape) for shape in self.expected_shapes.values()) * self.dtype.itemsize
+            check_sync_space(self.sync_dir, weights, copies=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
         started = time.perf_counter()
         # Read when the engine starts; for the multi-process engine they apply to its processes only.
@@ -179,6 +195,8 @@ class VLLMEngine:
                 seed=seed,
                 logprobs_mode="processed_logprobs",
                 worker_extension_cls=f"{__name__}.WeightSyncExtension",
+                max_num_batched_tokens=max_num_batched_tokens,
+                **({"distributed_executor_backend": "external_launcher"} if external_launcher else {}),
             )
         # The CPU worker replaces torch.set_num_threads with a no-op (its threads are pinned in its own
         # process); in-process that would freeze the trainer's thread count, so put it back.
@@ -349,7 +367,7 @@ class VLLMEngine:
         """
         from safetensors.torch import save_file
 
-        folder = tempfile.mkdtemp(prefix="l2a-sync-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+        folder = tempfile.mkdtemp(prefix="l2a-sync-", dir=self.sync_dir)
         try:
             bucket, bucket_bytes, shard = {}, 0, 0
             for name, tensor in self._checked(named_tensors):
@@ -410,8 +428,30 @@ class WeightSyncExtension:
             model.lm_head.quant_method.process_weights_after_loading(model.lm_head)
 
 
-def _default_in_process(tensor_parallel_size: int) -> bool:
-    """In-process unless tensor parallelism or a multi-rank (torchrun) run rules it out.
+def _trainer_processes() -> int:
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return torch.distributed.get_world_size() if distributed else int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def check_sync_space(folder: str, weight_bytes: int, copies: int = 1) -> None:
+    """Refuse to start an engine whose weight sync would fill ``folder``: each of the ``copies`` processes of
+    this machine writes the whole model there at every sync. (Docker gives /dev/shm 64 MiB by default; a 7B
+    model in bf16 is 15 GB per process.)"""
+    needed = weight_bytes * copies * 1.1  # a bucket may be written while the last one's file still exists
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise UserError(
+            f"vLLM weight sync needs {needed / 2**30:.1f} GiB in {folder} ({copies} process(es) x "
+            f"{weight_bytes / 2**30:.1f} GiB of weights), only {free / 2**30:.1f} GiB are free. Enlarge it "
+            "(docker run --shm-size=...), point vllm_sync_dir at a folder with room (RAM-backed is fastest), "
+            "or run the engine in the trainer's process (vllm_in_process: true; the default on GPU)")
+
+
+def _default_in_process(tensor_parallel_size: int, on_cpu: bool) -> bool:
+    """In-process, except for tensor parallelism, and for a multi-rank run on CPU.
+
+    On GPU a multi-rank run keeps the engine in process too, through vLLM's ``external_launcher`` (as TRL's
+    colocate mode): weights are synced in memory, nothing goes through files.
 
     Measured with bench/rollout_speed.py (SmolLM2-135M, float32, 1 GiB KV cache, 2-core CPU):
 
@@ -424,12 +464,9 @@ def _default_in_process(tensor_parallel_size: int) -> bool:
 
     Rollouts are equally fast because both run vLLM on one thread. The multi-process engine is
     needed for tensor_parallel_size > 1, and under torchrun: an in-process engine initialises
-    torch.distributed (world size 1) in this process, which clashes with the trainer's own group.
+    torch.distributed (world size 1) in this process, which clashes with the trainer's own group on CPU.
     """
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1 or (
-        torch.distributed.is_available() and torch.distributed.is_initialized()
-    )
-    return tensor_parallel_size == 1 and not distributed
+    return tensor_parallel_size == 1 and (not on_cpu or _trainer_processes() == 1)
 
 
 def _generation_eos_ids(model_dir: str) -> set[int]:

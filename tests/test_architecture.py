@@ -30,3 +30,20 @@ def test_grpo_needs_only_torch():
 def test_rollout_knows_models_not_rewards():
     loaded = loaded_with("l2a.rollout")
     assert "transformers" in loaded and not loaded & {"l2a.reward", "l2a.judges", "l2a.metrics", "l2a.data"}
+
+
+def test_training_with_the_offline_judge_needs_no_openai():
+    """The GPU machines this project uses have no openai package: train.py, the torch policy and the rubric judge
+    must import without it (it is imported where a request to an endpoint is made)."""
+    script = """
+import sys
+class NoOpenAI:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "openai":
+            raise ImportError("no openai here")
+sys.meta_path.insert(0, NoOpenAI())
+import train, l2a.local_policy, l2a.judges
+print(type(l2a.judges.make_judge("rubric")).__name__)
+"""
+    done = run_to_end(python("-c", script), timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "RubricJudge", done.stderr[-2000:]

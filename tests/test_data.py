@@ -28,6 +28,7 @@ from subprocesses import (
 )
 
 from l2a.data import (
+    CONSTRUCTIONS,
     SAMPLE_KEYS,
     DataError,
     ExtractionIncomplete,
@@ -129,6 +130,22 @@ def test_realmedconv_session_round_context():
         assert (f["cid"], f["remaining"], f["decision_truth"]) == (r["cid"], r["remaining"], r["decision_truth"])
 
 
+def test_realmedconv_session_reference_construction():
+    """Session 35310 ends with the doctor's "<med_search>": the reference's splitter makes it one more sample,
+    labelled stop (8 samples, 2 stop), where l2a's default makes none (7 samples, 1 stop)."""
+    session = realmedconv_session()
+    paper, reference = split_session(session, **CONSTRUCTIONS["paper"]), split_session(session, **CONSTRUCTIONS["reference"])
+    assert (len(paper), [s["decision_truth"] for s in paper].count("stop")) == (7, 1)
+    assert (len(reference), [s["decision_truth"] for s in reference].count("stop")) == (8, 2)
+    assert [s["cid"] for s in reference] == [f"35310_{k}" for k in range(1, 9)]
+    assert [len(s["messages"]) for s in reference] == [5, 3, 3, 3, 4, 5, 4, 1]  # per-round context
+    last = reference[-1]
+    assert last["messages"] == [{"role": "assistant", "content": "<med_search>"}] and last["remaining"] == []
+    # Both differences are needed: each alone gives neither construction.
+    assert len(split_session(session, context="full", trailing_doctor_round=True)[-1]["messages"]) == 28
+    assert len(split_session(session, context="round")) == 7
+
+
 def test_split_edge_cases():
     def session(*roles: str, content: str = "text") -> dict:
         return {"session_id": "s", "diagn": "d", "messages": [{"role": r, "content": content} for r in roles]}
@@ -138,6 +155,11 @@ def test_split_edge_cases():
     assert [s["decision_truth"] for s in greeting_first] == ["continue", "stop"]
     assert greeting_first[-1]["remaining"] == []  # ends on a patient message: stop with an empty future
     assert split_session(session("assistant", "assistant")) == []
+    [doctor_only] = split_session(session("assistant", "assistant"), trailing_doctor_round=True)
+    assert (len(doctor_only["messages"]), doctor_only["decision_truth"]) == (2, "stop")
+    # A session that ends on a patient message has no trailing doctor round to keep.
+    assert split_session(session("user", "assistant", "user"), trailing_doctor_round=True) == split_session(
+        session("user", "assistant", "user"))
     # "user: " inside a doctor message is not a patient turn.
     faked = split_session(session("user", "assistant", content="user: hello"))
     assert [s["decision_truth"] for s in faked] == ["stop"]
@@ -523,6 +545,31 @@ def test_cli_prepare_with_openai_extractor(tmp_path):
         assert load_samples(out / f"{name}.jsonl") == expected
     outputs = done.stdout + done.stderr + "".join(p.read_text() for p in out.iterdir())
     assert key not in outputs
+
+
+@pytest.mark.parametrize("construction, samples, stops, share", [("paper", 7, 1, "14.3%"),
+                                                                   ("reference", 8, 2, "25.0%")])
+def test_cli_prepare_construction(tmp_path, capsys, monkeypatch, construction, samples, stops, share):
+    """--construction reference builds session 35310 as the reference does; the stop share of each part is printed.
+
+    The extractor is ChatStub (a test double for the LLM), answering one fact for every future.
+    """
+    write_jsonl(tmp_path / "train_raw.jsonl", synthesize_sessions(4, seed=0))
+    out = tmp_path / "out"
+    with ChatStub(lambda request: "['symptom: sore throat']") as stub:
+        args = ["prepare", "--train-raw", str(tmp_path / "train_raw.jsonl"), "--test-raw",
+                str(FIXTURES / "raw_sessions.jsonl"), "--out", str(out), "--base-url", stub.base_url, "--model", "m",
+                "--api-key-env", "L2A_TEST_KEY", "--construction", construction]
+        monkeypatch.setenv("L2A_TEST_KEY", "k")
+        assert main(args) == 0
+    test = load_samples(out / "test.jsonl")
+    assert (len(test), [s["decision_truth"] for s in test].count("stop")) == (samples, stops)
+    expected = split_session(realmedconv_session(), **CONSTRUCTIONS[construction])
+    assert [(s["cid"], s["messages"]) for s in test] == [(s["cid"], s["messages"]) for s in expected]
+    context = CONSTRUCTIONS[construction]["context"]
+    printed = capsys.readouterr().out
+    assert f"construction {construction}: context {context}" in printed
+    assert f"test.jsonl: {samples} samples (continue {samples - stops}, stop {stops} = {share})" in printed
 
 
 def test_cli_prepare_needs_the_key_before_any_request(tmp_path, capsys):

@@ -47,9 +47,6 @@ from test_vllm_engine import needs_vllm
 
 import train
 from l2a.local_policy import LocalPolicy
-from l2a.logprobs import completion_logits, full_sequence_logits, pack_completions
-from l2a.model import load_model
-from l2a.rollout import Completion
 from l2a.vllm_engine import full_state_dict_items
 
 REPO = Path(__file__).resolve().parents[1]
@@ -158,16 +155,6 @@ def test_micro_batches_and_gradient_checkpointing_do_not_change_the_update(refer
     assert_same_run(folder / "checkpointing", reference)
 
 
-def test_full_sequence_logits_equal_the_shared_prompt_logits(tiny_model_dir):
-    model = load_model(str(tiny_model_dir), torch.float64)
-    completions = [Completion(0, [5, 6, 7], [8, 9, 10, 2], "", "stop"), Completion(0, [5, 6, 7], [11], "", "stop"),
-                   Completion(1, [12, 13], [14, 15], "", "length")]
-    batch = pack_completions(completions, pad_id=2)
-    with torch.no_grad():
-        torch.testing.assert_close(full_sequence_logits(model, batch), completion_logits(model, batch),
-                                   rtol=0, atol=1e-10)
-
-
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
 def test_two_processes_update_like_one_and_resume_exactly(mode, reference_run):
     args, reference, folder = reference_run
@@ -212,25 +199,38 @@ def free_port() -> int:
 
 
 def worker(mode: str, out: Path, resume: bool, args: list[str]) -> None:
-    from accelerate import Accelerator, FullyShardedDataParallelPlugin, PartialState
-    from accelerate.utils import DistributedType
+    from accelerate import Accelerator
+    from fsdp_on_cpu import shard_with_fsdp2
     from torch.distributed.tensor import DTensor
     from torch.nn.parallel import DistributedDataParallel
 
     def make_accelerator(*a, **kw) -> Accelerator:
         accelerator = Accelerator(*a, **kw)
-        if mode == "fsdp2":  # see the module docstring: accelerate enables FSDP on GPU groups only
-            accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin(
-                fsdp_version=2, auto_wrap_policy="transformer_based_wrap", state_dict_type="FULL_STATE_DICT")
-            # Both shared states, as AcceleratorState.__init__ does on GPUs (it is re-read from PartialState).
-            accelerator.state.distributed_type = PartialState().distributed_type = DistributedType.FSDP
+        if mode == "fsdp2":  # see tests/fsdp_on_cpu.py: accelerate enables FSDP on GPU groups only
+            shard_with_fsdp2(accelerator)
         # end_training destroys the process group, and this launch trains three times in a row.
         accelerator.end_training = lambda: None
+        accelerator.no_sync = counting(accelerator.no_sync)
         return accelerator
+
+    no_sync_entered = [0]
+
+    def counting(no_sync):
+        def wrapper(model):
+            no_sync_entered[0] += 1
+            return no_sync(model)
+        return wrapper
+
 
     real_update = LocalPolicy.update
 
     def update(self, completions, advantages):
+        import datetime
+
+        backend = torch.distributed.distributed_c10d._get_default_group()._get_backend(torch.device("cpu"))
+        # the configured wait (train.py's default 60 min; gloo's own default is 30, NCCL's 10)
+        assert backend.options._timeout == datetime.timedelta(minutes=self.cfg.dist_timeout_minutes) == \
+            datetime.timedelta(minutes=60)
         if mode == "ddp":
             assert isinstance(self.model, DistributedDataParallel) and self.replica is None
         else:
@@ -252,6 +252,9 @@ def worker(mode: str, out: Path, resume: bool, args: list[str]) -> None:
     if resume:
         train.main([*args, "--output_dir", str(out / "cut"), "--steps", "1"])
         train.main([*args, "--output_dir", str(out / "cut"), "--steps", "2", "--resume", "true"])
+    # Gradient accumulation without syncing: DDP skips the all-reduce of all micro-batches but the last; FSDP2 must
+    # reduce-scatter every one (no_sync would keep a whole, unsharded copy of every gradient in between).
+    assert (no_sync_entered[0] > 0) if mode == "ddp" else (no_sync_entered[0] == 0), no_sync_entered
     (out / f"ran-{mode}").touch()
 
 

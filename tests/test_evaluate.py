@@ -53,9 +53,19 @@ def test_file(tmp_path) -> Path:
 
 
 def graded(decision_truth: str, *scores: tuple) -> dict:
-    """A graded record; each score tuple is (action, format, content)."""
+    """A graded record; each score tuple is (action, format, content), None for an unreadable grade.
+
+    Each rollout agrees with its action score: a right decision is the truth's answer (a question, or exactly
+    ``<stop />``), a wrong one the other.
+    """
+    def rollout(action, format) -> str:
+        if (decision_truth == "stop") != bool(action):
+            return QUESTION
+        return STOP_TOKEN if format else STOP_TOKEN + "\n"  # a stop with a trailing newline loses the format point
+
     grades = [{"think": "", "action_score": a, "format_score": f, "content_score": c} for a, f, c in scores]
-    return {"cid": "x", "decision_truth": decision_truth, "rollouts": ["r"] * len(scores), "grades": grades}
+    return {"cid": "x", "decision_truth": decision_truth, "rollouts": [rollout(a, f) for a, f, _ in scores],
+            "grades": grades}
 
 
 def policy_reply(request: dict) -> str | list[str]:
@@ -79,6 +89,8 @@ def test_metrics_of_the_reference_example():
     assert metrics == {
         "ave_continue_content": 0.5,
         "win_continue_content": 0.0,
+        "ave_continue_content if correct": 0.5,
+        "win_continue_content if correct": 0.0,
         "ave_continue_decision": 1.0,
         "ave_stop_decision": None,  # no stop sample
         "ave_total_decision": 1.0,
@@ -89,10 +101,19 @@ def test_metrics_of_the_reference_example():
                                      "judge_failures": 0, "skipped_pairs": 0}
 
 
+def test_metrics_keep_the_seven_and_add_the_two_if_correct_keys():
+    assert METRIC_KEYS == ("ave_continue_content", "win_continue_content", "ave_continue_content if correct",
+                           "win_continue_content if correct", "ave_continue_decision", "ave_stop_decision",
+                           "ave_total_decision", "ave_total_format", "ave_total_reward")
+
+
 def test_metrics_continue_only():
     metrics = compute_metrics([graded("continue", (1, 1.0, 1.0), (1, 0.5, 0.5), (0, 0.0, 0.0))])
     assert metrics["ave_continue_content"] == pytest.approx(0.5)
     assert metrics["win_continue_content"] == pytest.approx(1 / 3)
+    # "if correct": only the two rollouts without <stop /> (the third is a wrong stop)
+    assert metrics["ave_continue_content if correct"] == pytest.approx(0.75)
+    assert metrics["win_continue_content if correct"] == pytest.approx(0.5)
     assert metrics["ave_continue_decision"] == pytest.approx(2 / 3)
     assert metrics["ave_stop_decision"] is None
     assert metrics["ave_total_format"] == pytest.approx(0.5)
@@ -102,6 +123,7 @@ def test_metrics_continue_only():
 def test_metrics_stop_only():
     metrics = compute_metrics([graded("stop", (1, 1.0, 1.0), (1, 0.0, 1.0), (0, 0.0, 0.0), (0, 0.0, 0.0))])
     assert metrics["ave_continue_content"] is None and metrics["win_continue_content"] is None
+    assert metrics["ave_continue_content if correct"] is None and metrics["win_continue_content if correct"] is None
     assert metrics["ave_continue_decision"] is None
     assert metrics["ave_stop_decision"] == 0.5
     assert metrics["ave_total_decision"] == 0.5
@@ -109,25 +131,55 @@ def test_metrics_stop_only():
     assert metrics["ave_total_reward"] == pytest.approx((4 + 3 + 0 + 0) / 4)
 
 
-def test_metrics_mixed_and_skipped_pairs():
+def test_failed_grades_count_as_content_and_format_zero_like_the_reference():
+    """The issue's run: 8 samples x 2 rollouts, 12 unreadable grades on correct continues, 4 wrong stops.
+
+    The reference's grader parse leaves content and format at 0 when it reads nothing, and counts the pair.
+    Skipping those pairs printed a total decision accuracy of 0.000 (the 4 stop pairs alone).
+    """
+    records = [graded("continue", (1, None, None), (1, None, None)) for _ in range(6)]
+    records += [graded("stop", (0, 0.0, 0.0), (0, 0.0, 0.0)) for _ in range(2)]
+    assert compute_metrics(records) == {
+        "ave_continue_content": 0.0,  # 0 / 12
+        "win_continue_content": 0.0,
+        "ave_continue_content if correct": 0.0,  # the 12 correct continues, content 0 each
+        "win_continue_content if correct": 0.0,
+        "ave_continue_decision": 1.0,  # 12 / 12
+        "ave_stop_decision": 0.0,  # 0 / 4
+        "ave_total_decision": 0.75,  # 12 / 16
+        "ave_total_format": 0.0,
+        "ave_total_reward": 0.75,  # 12 pairs of 1 * (1 + 0) + 0, 4 pairs of 0, over 16
+    }
+    assert count_pairs(records) == {"samples": 8, "rollouts": 16, "continue_pairs": 12, "stop_pairs": 4,
+                                    "judge_failures": 12, "skipped_pairs": 0}
+
+
+def test_metrics_mixed_failed_and_skipped_pairs():
+    """Hand-computed with the reference's arithmetic: an unreadable grade counts 0/0, a NaN score is skipped."""
     records = [
-        graded("continue", (1, 1.0, 1.0), (1, None, None), (1, 0.5, float("nan"))),  # 2 pairs skipped
-        graded("stop", (1, 1.0, 1.0), (0, 0.0, 0.0)),
+        graded("continue", (1, 1.0, 1.0), (1, None, None), (1, 0.5, float("nan")), (0, 0.0, 0.0)),
+        graded("continue", (1, 0.5, 0.5), (1, 1.0, 0.5)),
+        graded("stop", (1, 1.0, 1.0), (0, 0.0, 0.0), (1, 0.0, 1.0)),
     ]
     metrics = compute_metrics(records)
-    assert metrics["ave_continue_content"] == 1.0 and metrics["win_continue_content"] == 1.0
-    assert metrics["ave_continue_decision"] == 1.0
-    assert metrics["ave_stop_decision"] == 0.5
-    assert metrics["ave_total_decision"] == pytest.approx(2 / 3)  # over the 3 usable pairs
-    assert metrics["ave_total_format"] == pytest.approx(2 / 3)
-    assert metrics["ave_total_reward"] == pytest.approx((4 + 4 + 0) / 3)
-    assert count_pairs(records) == {"samples": 2, "rollouts": 5, "continue_pairs": 1, "stop_pairs": 2,
-                                    "judge_failures": 1, "skipped_pairs": 2}
+    # Counted, as (action, format, content). C: (1, 1, 1), (1, 0, 0) unreadable, (0, 0, 0) wrong stop, (1, .5, .5),
+    # (1, 1, .5); the NaN pair is skipped. S: (1, 1, 1) exact stop, (0, 0, 0), (1, 0, 1) a stop with a trailing newline.
+    assert metrics["ave_continue_content"] == pytest.approx((1 + 0 + 0 + 0.5 + 0.5) / 5)
+    assert metrics["win_continue_content"] == pytest.approx(1 / 5)
+    assert metrics["ave_continue_content if correct"] == pytest.approx((1 + 0 + 0.5 + 0.5) / 4)
+    assert metrics["win_continue_content if correct"] == pytest.approx(1 / 4)
+    assert metrics["ave_continue_decision"] == pytest.approx(4 / 5)
+    assert metrics["ave_stop_decision"] == pytest.approx(2 / 3)
+    assert metrics["ave_total_decision"] == pytest.approx(6 / 8)
+    assert metrics["ave_total_format"] == pytest.approx((1 + 0 + 0 + 0.5 + 1 + 1 + 0 + 0) / 8)
+    assert metrics["ave_total_reward"] == pytest.approx((4 + 1 + 0 + 2.5 + 3 + 4 + 0 + 3) / 8)
+    assert count_pairs(records) == {"samples": 3, "rollouts": 9, "continue_pairs": 5, "stop_pairs": 3,
+                                    "judge_failures": 1, "skipped_pairs": 1}
 
 
 def test_metrics_without_usable_pairs_are_none():
     assert compute_metrics([]) == dict.fromkeys(METRIC_KEYS)
-    assert compute_metrics([graded("continue", (1, None, None))]) == dict.fromkeys(METRIC_KEYS)
+    assert compute_metrics([graded("continue", (1, 0.5, float("nan")))]) == dict.fromkeys(METRIC_KEYS)
     table = format_table([{"name": "empty", "metrics": dict.fromkeys(METRIC_KEYS), "counts": None}])
     assert "| Total reward | – |" in table and "nan" not in table.lower()
 
@@ -185,9 +237,27 @@ def test_tiny_model_with_llm_judge_stub(tiny_model_dir, test_file, tmp_path, mon
     check_grades_follow_the_reward(records)
     asked = [(r, g) for r in records for g in r["grades"] if g["think"] == "one direct question"]
     assert len(judge.requests) == len(asked)  # the judge sees exactly the correct continues
-    assert all(req["temperature"] == 1.0 and req["model"] == "grader" for req in judge.requests)
+    # The reference evaluation grades with the policy's own sampling settings (EVALUATION_GRADER).
+    for request in judge.requests:
+        assert request["model"] == "grader"
+        assert (request["temperature"], request["top_p"], request["max_tokens"]) == (1.0, 0.95, 512)
+        assert request["repetition_penalty"] == 1.2  # vLLM's extension field, at the top level of the body
     assert all(r["decision_truth"] == "continue" and (g["format_score"], g["content_score"]) == (1.0, 0.5)
                for r, g in asked)
+
+
+def test_judge_sampling_flags_reach_the_grader(test_file, tmp_path, monkeypatch):
+    """--judge-* flags change what the grader is sent; 1.0 leaves top_p and the vLLM-only field out entirely."""
+    monkeypatch.setenv("L2A_TEST_KEY", "secret")
+    with ChatStub(policy_reply) as policy, ChatStub(lambda request: GOOD_GRADE) as judge:
+        args = served_args(policy, test_file, tmp_path / "out", "-n", "1", "--judge", "openai", "--judge-url",
+                           judge.base_url, "--judge-api-key-env", "L2A_TEST_KEY", "--judge-temperature", "0.7",
+                           "--judge-max-tokens", "1024", "--judge-top-p", "1.0", "--judge-repetition-penalty", "1.0")
+        assert main(args) == 0
+    assert len(judge.requests) == 2  # the two continue samples
+    for request in judge.requests:
+        assert (request["temperature"], request["max_tokens"]) == (0.7, 1024)
+        assert "top_p" not in request and "repetition_penalty" not in request
 
 
 def test_policy_endpoint_stub(test_file, tmp_path, monkeypatch, capsys):
@@ -203,7 +273,8 @@ def test_policy_endpoint_stub(test_file, tmp_path, monkeypatch, capsys):
     result = json.loads((tmp_path / "out" / "metrics.json").read_text())
     # Stops are exact: 4 points. Both continue samples list a severity, so the rubric grades the question 1 / 1.
     assert result["metrics"] == {
-        "ave_continue_content": 1.0, "win_continue_content": 1.0, "ave_continue_decision": 1.0,
+        "ave_continue_content": 1.0, "win_continue_content": 1.0, "ave_continue_content if correct": 1.0,
+        "win_continue_content if correct": 1.0, "ave_continue_decision": 1.0,
         "ave_stop_decision": 1.0, "ave_total_decision": 1.0, "ave_total_format": 1.0, "ave_total_reward": 4.0,
     }
     assert "| served-policy |" in capsys.readouterr().out
@@ -242,7 +313,7 @@ def test_resume_redoes_nothing_finished(test_file, tmp_path, monkeypatch):
     assert sorted(r["cid"] for r in read_jsonl(out / "graded.jsonl")) == sorted(s["cid"] for s in SAMPLES)
 
 
-def test_judge_failures_are_stored_counted_and_retried(test_file, tmp_path, monkeypatch):
+def test_judge_failures_are_stored_counted_and_retried(test_file, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("L2A_TEST_KEY", "secret")
     out = tmp_path / "out"
     answers = {"grade": "I cannot grade this."}
@@ -253,8 +324,16 @@ def test_judge_failures_are_stored_counted_and_retried(test_file, tmp_path, monk
         failed = [g for r in read_jsonl(out / "graded.jsonl") for g in r["grades"] if g["content_score"] is None]
         assert len(failed) == 4 and all(g["format_score"] is None for g in failed)  # the 2 x 2 continue rollouts
         result = json.loads((out / "metrics.json").read_text())
-        assert result["counts"]["judge_failures"] == 4 and result["counts"]["skipped_pairs"] == 4
-        assert result["metrics"]["ave_continue_content"] is None and result["metrics"]["ave_stop_decision"] == 1.0
+        assert result["counts"] == {"samples": 4, "rollouts": 8, "continue_pairs": 4, "stop_pairs": 4,
+                                    "judge_failures": 4, "skipped_pairs": 0}
+        # Counted as the reference counts them: decision kept, content 0, format 0 (reward 1 each; stops 4 each).
+        metrics = result["metrics"]
+        assert (metrics["ave_continue_content"], metrics["ave_continue_decision"]) == (0.0, 1.0)
+        assert (metrics["ave_total_decision"], metrics["ave_total_format"]) == (1.0, 0.5)
+        assert metrics["ave_total_reward"] == (4 * 1 + 4 * 4) / 8
+        printed = capsys.readouterr().out
+        assert "| Total decision accuracy | 1.000 |" in printed
+        assert "4 judge failures (counted as content 0, format 0)" in printed and "rerun the same command" in printed
 
         answers["grade"] = GOOD_GRADE  # the judge recovers: the next run regrades only the failed samples
         assert main(args) == 0
@@ -274,6 +353,9 @@ def test_compare_saved_results(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| Metric | trained | base-readme |" in printed
     assert "| Total reward | 3.000 | 1.281 |" in printed and "| Avg. stop decision accuracy | – | – |" in printed
+    # the "if correct" rows: ours computed, the flat file (like a results file saved before them) without them
+    assert "| Avg. continue content (correct continues) | 0.500 | – |" in printed
+    assert "| Win rate (correct continues) | 0.000 | – |" in printed
     assert "Counts: trained: 1 samples, 3 rollouts" in printed
     assert (tmp_path / "table.md").read_text().count("| Total reward |") == 1
     assert (tmp_path / "table.png").stat().st_size > 0

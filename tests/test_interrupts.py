@@ -125,14 +125,14 @@ def test_training_stops_mid_step_and_resumes(signum, ignore_sigint, tiny_model_d
     data.write_text("".join(json.dumps(_sample(i, "continue")) + "\n" for i in range(12)))
     per_step = 2 * 3  # every answer of the tiny model is a "continue": one grade per completion
     out = tmp_path / "run"
-    with ChatStub(hanging_after(2 * per_step, _grade)) as judge:
+    with ChatStub(hanging_after(1 + 2 * per_step, _grade)) as judge:  # 1: the judge's preflight request
         args = ["--model", str(tiny_model_dir), "--train_file", str(data), "--eval_file", str(data),
                 "--output_dir", str(out), "--prompts_per_step", "2", "--group_size", "3", "--max_new_tokens", "6",
                 "--steps", "4", "--eval_every", "0", "--save_every", "1", "--judge", "openai",
                 "--judge_url", judge.base_url]
         with spawned(python("train.py", *args), ignore_sigint=ignore_sigint,
                      env=command_env(OPENAI_API_KEY="k")) as process:
-            wait_until(lambda: judge.handler.seen > 2 * per_step, 180, process, "step 3's grading")
+            wait_until(lambda: judge.handler.seen > 1 + 2 * per_step, 180, process, "step 3's grading")
             stderr = stop(process, signum)
         assert f"the newest checkpoint is {out / 'checkpoints' / 'step-000002'}" in stderr
         assert "--resume true" in stderr

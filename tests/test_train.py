@@ -49,7 +49,7 @@ def data_files(tmp_path_factory) -> dict[str, Path]:
 def _args(model_dir, data: Path, out: Path, *extra: str) -> list[str]:
     return ["--model", str(model_dir), "--train_file", str(data), "--eval_file", str(data), "--output_dir", str(out),
             "--prompts_per_step", "2", "--group_size", "3", "--max_new_tokens", "6", "--micro_batch_size", "4",
-            "--learning_rate", "1e-2", "--eval_samples", "4", "--sft_steps", "0", *extra]
+            "--learning_rate", "1e-2", "--eval_samples", "4", "--dtype", "float32", "--sft_steps", "0", *extra]
 
 
 def _grade(request: dict) -> str:
@@ -60,20 +60,30 @@ def _grade(request: dict) -> str:
 
 
 @pytest.fixture(scope="module")
-def judge_url():
+def grader():
     """An OpenAI-compatible grader stub on 127.0.0.1 (test double for a remote LLM judge).
 
     The offline rubric judge gives a random tiny model's gibberish the same reward every time, so the
     advantages, and with them the gradient, would be zero; this grader varies with the response.
     """
     with ChatStub(_grade) as stub:
-        yield ["--judge", "openai", "--judge_url", stub.base_url]
+        yield stub
 
 
-def test_tiny_run_trains_logs_and_saves(tiny_model_dir, data_files, judge_url, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def judge_url(grader):
+    return ["--judge", "openai", "--judge_url", grader.base_url]
+
+
+def test_tiny_run_trains_logs_and_saves(tiny_model_dir, data_files, grader, judge_url, tmp_path, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", "test")
     out = tmp_path / "run"
+    already = len(grader.requests)
     train.main(_args(tiny_model_dir, data_files["mixed"], out, "--steps", "3", "--eval_every", "2", *judge_url))
+    # Training grades with the reference's training grader settings (TRAINING_GRADER), not the evaluation's.
+    asked = grader.requests[already:]
+    assert asked and all((r["temperature"], r["max_tokens"]) == (0.7, 1024) for r in asked)
+    assert not any("top_p" in r or "repetition_penalty" in r for r in asked)
 
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2, 3]
@@ -92,6 +102,42 @@ def test_tiny_run_trains_logs_and_saves(tiny_model_dir, data_files, judge_url, t
     changed = [n for n, p in reloaded.named_parameters() if not torch.equal(p, dict(initial.named_parameters())[n])]
     assert len(changed) == len(list(initial.parameters())), "every parameter should have moved"
     assert (checkpoint / "trainer_state.pt").exists() and (checkpoint / "tokenizer.json").exists()
+
+
+def test_heldout_evaluation_uses_the_metric_code_of_l2a_evaluate(tiny_model_dir, data_files, judge_url, tmp_path,
+                                                                  monkeypatch):
+    """train.py's eval/* keys are l2a.evaluate's grading and ``compute_metrics`` over the same greedy answers.
+
+    The grader is the OpenAI-compatible stub on 127.0.0.1 (a test double for a remote LLM judge).
+    """
+    from accelerate import Accelerator
+
+    from l2a.data import load_samples
+    from l2a.evaluate import run_grading
+    from l2a.judges import TRAINING_GRADER, make_judge
+    from l2a.metrics import METRIC_KEYS, compute_metrics
+    from l2a.prompts import policy_messages
+    from l2a.rollout import SamplingConfig
+
+    monkeypatch.setenv("OPENAI_API_KEY", "test")
+    cfg = train.parse_config(_args(tiny_model_dir, data_files["mixed"], tmp_path / "run", *judge_url))
+    judge = make_judge(cfg.judge, cfg.judge_url, sampling=TRAINING_GRADER)
+    samples = load_samples(data_files["mixed"])[:6]  # 2 stop, 4 continue samples
+    policy = train.make_policy(cfg, Accelerator(cpu=True), None)
+    try:
+        logged = train.evaluate_heldout(policy, judge, samples, cfg)
+        greedy = SamplingConfig(temperature=0.0, max_new_tokens=cfg.max_new_tokens)  # the same answers again
+        answers = [c.text for c in policy.generate([policy_messages(s["messages"]) for s in samples], 1, greedy)]
+    finally:
+        policy.close()
+    graded, _ = run_grading([{**s, "rollouts": [a]} for s, a in zip(samples, answers)], judge,
+                            tmp_path / "graded.jsonl")
+    expected = compute_metrics(graded)
+    assert all(expected[key] is not None for key in METRIC_KEYS)  # every metric has pairs: all are logged
+    assert logged == {"eval/reward": pytest.approx(expected["ave_total_reward"], rel=1e-12),  # default modes
+                      "eval/decision_accuracy": expected["ave_total_decision"],
+                      "eval/stop_accuracy": expected["ave_stop_decision"],
+                      **{f"eval/{key}": value for key, value in expected.items()}}
 
 
 def test_kl_to_reference_is_logged(tiny_model_dir, data_files, judge_url, tmp_path, monkeypatch):
@@ -140,6 +186,27 @@ def test_config_file_and_overrides(tmp_path):
         train.parse_config(["--config", str(path)])
 
 
+def test_epochs_compute_the_steps_from_the_train_file(tiny_model_dir, data_files, judge_url, tmp_path, monkeypatch,
+                                                     capsys):
+    monkeypatch.setenv("OPENAI_API_KEY", "test")
+    five = tmp_path / "five.jsonl"  # 5 samples, 2 per step: one epoch is ceil(5 / 2) = 3 steps
+    five.write_text("".join(data_files["mixed"].read_text().splitlines(keepends=True)[:5]))
+    out = tmp_path / "run"
+    train.main(_args(tiny_model_dir, five, out, "--epochs", "1", "--eval_every", "0", *judge_url))
+    assert "1 epochs of 5 samples, 2 per step: 3 steps" in capsys.readouterr().out
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert [train.steps_for_epochs(e, n, p) for e, n, p in [(1, 5, 2), (4, 1912, 64), (4, 6909, 64), (2, 64, 64)]] == [
+        3, 120, 432, 2]
+
+
+def test_steps_and_epochs_together_are_refused():
+    with pytest.raises(UserError, match="steps=10 and epochs=4 both set"):
+        train.parse_config(["--epochs", "4", "--steps", "10"])
+    with pytest.raises(UserError, match="epochs must be 0"):
+        train.parse_config(["--epochs", "-1"])
+    assert train.parse_config(["--epochs", "0", "--steps", "10"]).steps == 10
+
+
 def test_killed_run_resumes_exactly(tiny_model_dir, data_files, tmp_path):
     """Kill a run while it waits for the grader at step 3, resume it, compare with an uninterrupted run.
 
@@ -147,7 +214,7 @@ def test_killed_run_resumes_exactly(tiny_model_dir, data_files, tmp_path):
     hangs on the first request of step 3, so the kill lands mid-step, after checkpoint 2.
     """
     steps, per_step = 4, 2 * 3  # every tiny-model answer is a "continue" -> one grader call per completion
-    hang_after = 2 * per_step
+    hang_after = 1 + 2 * per_step  # 1: the judge's preflight request
 
     def handler(request: dict):
         if handler.hang and len(stub.requests) > hang_after:
@@ -182,3 +249,99 @@ def test_killed_run_resumes_exactly(tiny_model_dir, data_files, tmp_path):
     strip = lambda row: {k: v for k, v in row.items() if not k.startswith("time/") and k != "tokens_per_second"}  # noqa: E731
     rows = lambda run: [strip(json.loads(l)) for l in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731, E741
     assert rows("full") == rows("cut")
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_gradient_checkpointing_recomputes_each_layer_during_training(checkpointing, tiny_model_dir, data_files,
+                                                                       tmp_path):
+    """``gradient_checkpointing: true`` trains with layers that recompute (their forward runs again in backward);
+    a model left in eval mode, as from_pretrained returns it, would silently checkpoint nothing."""
+    from accelerate import Accelerator
+
+    from l2a.rollout import SamplingConfig
+
+    flags = ["--gradient_checkpointing", str(checkpointing).lower()]
+    cfg = train.parse_config(_args(tiny_model_dir, data_files["mixed"], tmp_path / "run", *flags))
+    policy = train.make_policy(cfg, Accelerator(cpu=True), None)
+    try:
+        chats = [[{"role": "user", "content": "I have a headache."}]]
+        completions = policy.generate(chats, cfg.group_size, SamplingConfig(max_new_tokens=5))
+        layers = policy.model.model.layers
+        calls = [0]
+        for layer in layers:  # a pre-hook: a replay stops once it has recomputed what backward needs
+            layer.register_forward_pre_hook(lambda *args: calls.__setitem__(0, calls[0] + 1))
+        policy.update(completions, torch.tensor([1.0, -1.0, 0.5])[: len(completions)])
+    finally:
+        policy.close()
+    passes = 2 if max(len(c.token_ids) for c in completions) > 1 else 1  # prompts, then completions
+    assert calls[0] == passes * len(layers) * (2 if checkpointing else 1)
+
+
+def test_a_grader_that_answers_nonsense_stops_the_run_before_step_1(tiny_model_dir, data_files, tmp_path, monkeypatch):
+    """The grader (a ChatStub: test double for a remote LLM judge) answers a poem to every request: the run stops
+    before any training, naming the endpoint, instead of training on content and format scores of 0."""
+    monkeypatch.setenv("OPENAI_API_KEY", "test")
+    with ChatStub(lambda request: "Sure! Here is a poem about clouds.") as stub:
+        with pytest.raises(UserError, match=f"judge at {stub.base_url}.*no readable grade"):
+            train.main(_args(tiny_model_dir, data_files["mixed"], tmp_path / "run", "--steps", "2", "--judge", "openai",
+                             "--judge_url", stub.base_url))
+    assert len(stub.requests) == 4  # the preflight request and its 3 retries
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_judge_failures_are_logged_and_a_step_where_most_fail_stops_the_run(tiny_model_dir, data_files, tmp_path,
+                                                                          monkeypatch):
+    """In steps 1 and 2 the grader (a ChatStub) fails every attempt for one question, the first it sees in the
+    step: counted in ``judge_failures``, and training goes on. From step 3 on every grade fails: the run stops
+    there, naming the endpoint."""
+    monkeypatch.setenv("OPENAI_API_KEY", "test")
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    rows = lambda: [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []  # noqa: E731
+    failing: dict[int, str] = {}  # step -> the graded question that fails in it
+
+    def grader(request: dict) -> str:
+        graded, step = request["messages"][-1]["content"], len(rows()) + 1
+        if "headache since yesterday" in graded:  # the preflight request
+            return _grade(request)
+        if step >= 3 or failing.setdefault(step, graded) == graded:
+            return "I am not sure."
+        return _grade(request)
+
+    with ChatStub(grader) as stub:
+        with pytest.raises(UserError, match=f"step 3: 6 of the 6 grades from the judge at {stub.base_url}"):
+            train.main(_args(tiny_model_dir, data_files["continue"], tmp_path / "run", "--steps", "4",
+                             "--eval_every", "0", "--judge", "openai", "--judge_url", stub.base_url))
+    logged = rows()  # 2 prompts x 3 completions a step, all graded (the tiny model never says <stop />)
+    assert [r["step"] for r in logged] == [1, 2]
+    assert all(1 <= r["judge_failures"] <= 3 for r in logged), [r["judge_failures"] for r in logged]
+
+
+def test_a_colocated_engine_gets_the_memory_between_training_phases(tiny_model_dir, data_files, tmp_path, monkeypatch):
+    """The order of memory hand-overs around a colocated vLLM engine, on a recording stand-in for the engine (it
+    samples with the trained model itself; vLLM's sleep mode works on GPUs only): cached blocks are released
+    before the engine samples and before it syncs, the engine wakes up for the rollouts and sleeps after them."""
+    from accelerate import Accelerator
+
+    from l2a import local_policy
+    from l2a.rollout import HFEngine, SamplingConfig
+
+    events = []
+
+    class Recorder:
+        def __init__(self, policy):
+            self.hf = HFEngine(policy.accelerator.unwrap_model(policy.model), policy.tokenizer)
+
+        def generate(self, chats, n, sampling):
+            events.append("generate")
+            return self.hf.generate(chats, n, sampling)
+
+        def __getattr__(self, name):  # wake_up, sleep, sync_weights, close
+            return lambda *args, **kwargs: events.append(name) or 0.0
+
+    monkeypatch.setattr(local_policy.LocalPolicy, "make_engine", lambda self, path: Recorder(self))
+    monkeypatch.setattr(local_policy, "release_cached_memory", lambda device: events.append("release"))
+    cfg = train.parse_config(_args(tiny_model_dir, data_files["mixed"], tmp_path / "run", "--rollout_engine", "vllm"))
+    policy = train.make_policy(cfg, Accelerator(cpu=True), None)
+    completions = policy.generate([[{"role": "user", "content": "I have a headache."}]], 3, SamplingConfig(max_new_tokens=4))
+    policy.update(completions, torch.tensor([1.0, -1.0, 0.0]))
+    assert events == ["release", "wake_up", "generate", "sleep", "release", "sync_weights"]

@@ -52,6 +52,7 @@ def test_engine_is_synced_after_every_step(tiny_model_dir, tmp_path, monkeypatch
         return engines[-1]
 
     def update(self, completions, advantages):
+        self.engine.wake_up()  # policy.generate puts it to sleep after the rollouts (a no-op on CPU)
         before = self.engine.generate(chats, 1, GREEDY)
         metrics = real_update(self, completions, advantages)  # optimizer step, then weight sync
         model, pad = self.accelerator.unwrap_model(self.model), self.tokenizer.pad_token_id
@@ -73,7 +74,7 @@ def test_engine_is_synced_after_every_step(tiny_model_dir, tmp_path, monkeypatch
                 "--output_dir", str(out), "--steps", "3", "--eval_every", "0", "--prompts_per_step", "2",
                 "--group_size", "3", "--max_new_tokens", "6", "--micro_batch_size", "3", "--learning_rate", "1e-2",
                 "--judge", "openai", "--judge_url", stub.base_url, "--rollout_engine", "vllm",
-                "--vllm_kv_cache_gb", "0.03125", "--vllm_is_correction", "true",
+                "--vllm_kv_cache_gb", "0.03125", "--vllm_is_correction", "true", "--dtype", "float32",
             ])
         except BaseException:
             for engine in engines:  # in-process: frees the torch.distributed group vLLM made in this process

