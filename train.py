@@ -316,7 +316,7 @@ def warm_start(policy, train_samples: list[dict], eval_samples: list[dict], judg
     model = policy.accelerator.unwrap_model(policy.model)
     with frozen_layers(model, cfg.sft_frozen_layers):
         trainer = SFTTrainer(model, policy.tokenizer, cfg.sft_learning_rate, max_grad_norm=cfg.max_grad_norm,
-                             train_mode=cfg.train_mode)
+                             train_mode=cfg.train_mode, bf16_autocast=cfg.dtype == "bfloat16")
         for k in tqdm(range(cfg.sft_steps), desc="sft", disable=not policy.accelerator.is_main_process):
             indices = batch_indices(len(train_samples), k, cfg.sft_batch_size, cfg.seed, stream="sft")
             metrics = trainer.step([train_samples[i] for i in indices])

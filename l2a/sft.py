@@ -47,7 +47,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from l2a.checkpoint import latest_checkpoint, load_trainer_state, truncate_metrics, write_checkpoint
 from l2a.cli import UserError, arg, parse_dataclass, run_command
 from l2a.data import batch_indices, load_samples
-from l2a.model import EMBEDDED_DEFAULT, load_model, load_tokenizer
+from l2a.model import EMBEDDED_DEFAULT, fastest_dtype, load_model, load_tokenizer
 from l2a.prompts import STOP_TOKEN, policy_messages
 from l2a.rollout import encode_chat
 
@@ -58,7 +58,7 @@ class SFTConfig:
     train_file: str = arg("data/synthetic/train.jsonl", "Training samples with a 'target' (JSONL written by `python -m l2a.data`).")
     output_dir: str = arg("runs/sft", "Metrics and checkpoints go here.")
     seed: int = arg(0, "Seeds the order of the samples.")
-    dtype: Literal["float32", "float64"] = arg("float32", "Weights and compute.")
+    dtype: Literal["auto", "float32", "bfloat16", "float64"] = arg("auto", "Precision, as train.py's: 'bfloat16' (float32 weights and optimizer, bf16 autocast compute), 'float32', 'float64', or 'auto': bfloat16 where the hardware computes it natively, else float32.")
     train_mode: Literal["Ra+Rs", "Ra"] = arg("Ra+Rs", "Which policy system prompt the model reads: with the stop rule ('Ra+Rs') or without ('Ra').")
     steps: int = arg(24, "Optimizer steps.")
     batch_size: int = arg(8, "Samples per step.")
@@ -215,9 +215,10 @@ class SFTTrainer:
     when it is made (see ``frozen_layers``), with its own AdamW."""
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, learning_rate: float,
-                 weight_decay: float = 0.0, max_grad_norm: float = 1.0, train_mode: str = "Ra+Rs"):
+                 weight_decay: float = 0.0, max_grad_norm: float = 1.0, train_mode: str = "Ra+Rs",
+                 bf16_autocast: bool = False):
         self.model, self.tokenizer, self.train_mode = model, tokenizer, train_mode
-        self.max_grad_norm = max_grad_norm
+        self.max_grad_norm, self.bf16_autocast = max_grad_norm, bf16_autocast
         self.parameters = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.parameters, lr=learning_rate, weight_decay=weight_decay, fused=True)
         self.stop_token_id = tokenizer(STOP_TOKEN, add_special_tokens=False)["input_ids"][0]
@@ -230,7 +231,9 @@ class SFTTrainer:
         batch = make_batch(self.tokenizer, samples, self.train_mode)
         device = next(self.model.parameters()).device
         batch = SFTBatch(**{name: value.to(device) for name, value in vars(batch).items()})
-        loss, stats = sft_loss(self.model, batch, self.stop_token_id)
+        # Mixed precision as in GRPO's update: matrix products in bf16, the float32 weights and optimizer unchanged.
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16_autocast):
+            loss, stats = sft_loss(self.model, batch, self.stop_token_id)
         loss.backward()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.parameters, self.max_grad_norm))
         if math.isfinite(grad_norm):  # a non-finite gradient would poison the weights and Adam's moments
@@ -251,14 +254,19 @@ def main(argv: list[str] | None = None) -> None:
     samples = load_samples(cfg.train_file)
     start, resume_from = 0, latest_checkpoint(cfg.output_dir) if cfg.resume else None
     path = str(resume_from) if resume_from else cfg.model
-    model, tokenizer = load_model(path, getattr(torch, cfg.dtype)), load_tokenizer(path)
+    if cfg.dtype == "auto":
+        cfg.dtype = fastest_dtype(torch.device("cpu"))
+        print(f"dtype auto: {cfg.dtype}")
+    weights = torch.float64 if cfg.dtype == "float64" else torch.float32  # bfloat16: float32 master weights
+    model, tokenizer = load_model(path, weights), load_tokenizer(path)
     metrics = Path(cfg.output_dir) / "metrics.jsonl"
     if resume_from:
         state = load_trainer_state(resume_from)
         start = state["step"]
         print(f"resuming from {resume_from} (step {start})")
     with frozen_layers(model, cfg.frozen_layers):
-        trainer = SFTTrainer(model, tokenizer, cfg.learning_rate, cfg.weight_decay, cfg.max_grad_norm, cfg.train_mode)
+        trainer = SFTTrainer(model, tokenizer, cfg.learning_rate, cfg.weight_decay, cfg.max_grad_norm, cfg.train_mode,
+                             bf16_autocast=cfg.dtype == "bfloat16")
         if resume_from:
             try:
                 trainer.optimizer.load_state_dict(state["optimizer"])

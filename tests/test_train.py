@@ -150,18 +150,21 @@ def test_kl_to_reference_is_logged(tiny_model_dir, data_files, judge_url, tmp_pa
     assert rows[1]["kl_mean"] > 1e-6  # after one update with lr 1e-2 it has moved away
 
 
-def test_warm_start_is_l2a_sft_then_grpo_on_one_axis(tiny_model_dir, data_files, judge_url, tmp_path, monkeypatch):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_warm_start_is_l2a_sft_then_grpo_on_one_axis(tiny_model_dir, data_files, judge_url, tmp_path, monkeypatch,
+                                                     dtype):
     """sft_steps > 0: l2a.sft's steps on the policy before GRPO, logged at steps -sft_steps+1..0 after a held-out
     evaluation of the base model. With GRPO's learning rate 0, the final weights are exactly those of
-    `python -m l2a.sft` with the same settings: the warm start is that command's training, nothing else."""
+    `python -m l2a.sft` with the same settings: the warm start is that command's training, nothing else (in
+    bfloat16 too: the same autocast as GRPO's update, float32 weights)."""
     monkeypatch.setenv("OPENAI_API_KEY", "test")
-    sft = ["--steps", "2", "--batch_size", "8", "--learning_rate", "1e-2", "--frozen_layers", "1"]
+    sft = ["--steps", "2", "--batch_size", "8", "--learning_rate", "1e-2", "--frozen_layers", "1", "--dtype", dtype]
     sft_main(["--model", str(tiny_model_dir), "--train_file", str(data_files["mixed"]),
               "--output_dir", str(tmp_path / "sft"), *sft])
     out = tmp_path / "run"
     train.main(_args(tiny_model_dir, data_files["mixed"], out, "--steps", "1", "--eval_every", "1",
                      "--learning_rate", "0", *judge_url, "--sft_steps", "2", "--sft_batch_size", "8",
-                     "--sft_learning_rate", "1e-2", "--sft_frozen_layers", "1"))
+                     "--sft_learning_rate", "1e-2", "--sft_frozen_layers", "1", "--dtype", dtype))
 
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], "sft/loss" in r, "eval/reward" in r, "reward" in r) for r in rows] == [
