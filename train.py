@@ -87,7 +87,7 @@ class Config:
     train_mode: TrainMode = arg("Ra+Rs", "Reward: 'Ra+Rs' (paper), 'Ra' (no stop reward/rule), 'Rs' (no question reward).")
     fusion_mode: FusionMode = arg("default", "With Ra+Rs: 'default' = R_s(1+2R_a)+P (hierarchical), 'sum' = R_s+R_a+P.")
     # --- supervised warm start before GRPO (l2a.sft; logged at steps -sft_steps+1..0) --------------
-    sft_steps: int = arg(24, "Supervised steps on the data's hindsight targets (the logged next question, or <stop />) before GRPO; 0 = none.")
+    sft_steps: int = arg(32, "Supervised steps on the data's hindsight targets (the logged next question, or <stop />) before GRPO; 0 = none.")
     sft_batch_size: int = arg(8, "Samples per supervised step.")
     sft_learning_rate: float = arg(5e-5, "AdamW learning rate of the warm start, constant.")
     sft_frozen_layers: int = arg(15, "Bottom decoder layers (and the embeddings) the warm start keeps fixed: about 3x faster steps; GRPO trains every weight.")

@@ -22,8 +22,8 @@ Two exact savings and one choice make a step cheap on a CPU:
 
     python -m l2a.sft                                              # SmolLM2-135M, data/synthetic, runs/sft
     python -m l2a.sft --steps 48 --learning_rate 3e-5 --output_dir runs/sft48
-    python -m l2a.evaluate --model runs/sft/checkpoints/step-000024 --out runs/eval-sft
-    python train.py --model runs/sft/checkpoints/step-000024 --sft_steps 0   # GRPO from the SFT checkpoint
+    python -m l2a.evaluate --model runs/sft/checkpoints/step-000032 --out runs/eval-sft
+    python train.py --model runs/sft/checkpoints/step-000032 --sft_steps 0   # GRPO from the SFT checkpoint
 
 Checkpoints are train.py's: ``OUTPUT_DIR/checkpoints/step-N`` = a Hugging Face model directory + ``trainer_state.pt``;
 ``--resume true`` continues a stopped run exactly.
@@ -60,7 +60,7 @@ class SFTConfig:
     seed: int = arg(0, "Seeds the order of the samples.")
     dtype: Literal["auto", "float32", "bfloat16", "float64"] = arg("auto", "Precision, as train.py's: 'bfloat16' (float32 weights and optimizer, bf16 autocast compute), 'float32', 'float64', or 'auto': bfloat16 where the hardware computes it natively, else float32.")
     train_mode: Literal["Ra+Rs", "Ra"] = arg("Ra+Rs", "Which policy system prompt the model reads: with the stop rule ('Ra+Rs') or without ('Ra').")
-    steps: int = arg(24, "Optimizer steps.")
+    steps: int = arg(32, "Optimizer steps (train.py's warm start: sft_steps, the same default).")
     batch_size: int = arg(8, "Samples per step.")
     learning_rate: float = arg(5e-5, "AdamW learning rate, constant.")
     weight_decay: float = arg(0.0, "AdamW weight decay.")
