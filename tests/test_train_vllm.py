@@ -75,6 +75,7 @@ def test_engine_is_synced_after_every_step(tiny_model_dir, tmp_path, monkeypatch
                 "--group_size", "3", "--max_new_tokens", "6", "--micro_batch_size", "3", "--learning_rate", "1e-2",
                 "--judge", "openai", "--judge_url", stub.base_url, "--rollout_engine", "vllm",
                 "--vllm_kv_cache_gb", "0.03125", "--vllm_is_correction", "true", "--dtype", "float32",
+                "--sft_steps", "0",
             ])
         except BaseException:
             for engine in engines:  # in-process: frees the torch.distributed group vLLM made in this process
