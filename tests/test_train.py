@@ -480,3 +480,31 @@ def test_the_log_of_several_updates_is_their_mean_and_one_update_is_itself():
     assert train.mean_over_updates([one]) == one and str(train.mean_over_updates([one])["loss"]) == "-0.0"
     two = train.mean_over_updates([one, {"loss": 1.0, "grad_norm": 0.5, "sampler_logprob_diff_max": 0.25}])
     assert two == {"loss": 0.5, "grad_norm": pytest.approx(0.4), "sampler_logprob_diff_max": 0.5}
+
+
+def test_sampler_metrics_and_importance_weights_by_hand(tiny_model_dir, data_files, tmp_path):
+    """The sampler's log-probabilities set to pi_old's plus a known shift d per completion (+0.3, -2.0, 0.0):
+    per token, |log ratio| = |d|, the importance weight min(exp(-d), 3) (capped at vllm_is_cap for d = -2), and
+    KL(sampler || pi_old) by k3 on the sampler's tokens, exp(-d) + d - 1 (the other direction would be
+    exp(d) - d - 1). float64 weights; the sampler's numbers pass through float32, as an engine's do."""
+    from dataclasses import replace
+
+    from accelerate import Accelerator
+
+    from l2a.rollout import SamplingConfig
+
+    cfg = train.parse_config(_args(tiny_model_dir, data_files["mixed"], tmp_path / "run", "--ppo_epochs", "2",
+                                   "--sync_interval", "2", "--vllm_is_correction", "true", "--dtype", "float64"))
+    policy = train.make_policy(cfg, Accelerator(cpu=True), None)
+    completions = policy.generate([[{"role": "user", "content": "I have a headache."}]], 3, SamplingConfig(max_new_tokens=5))
+    old = policy.logprobs_before_update(completions)
+    shifts = [0.3, -2.0, 0.0]
+    shifted = [replace(c, logprobs=(o + d).tolist()) for c, o, d in zip(completions, old, shifts)]
+    metrics = policy.update(shifted, torch.tensor([1.0, -1.0, 0.0], dtype=torch.float64), old)
+
+    lengths = [len(c.token_ids) for c in completions]
+    mean = lambda per_token: sum(n * per_token(d) for n, d in zip(lengths, shifts)) / sum(lengths)  # noqa: E731
+    assert metrics["sampler_logprob_diff"] == pytest.approx(mean(abs), abs=1e-6)
+    assert metrics["sampler_logprob_diff_max"] == pytest.approx(2.0, abs=1e-6)
+    assert metrics["is_weight_mean"] == pytest.approx(mean(lambda d: min(math.exp(-d), 3.0)), abs=1e-6)
+    assert metrics["kl_to_sampler"] == pytest.approx(mean(lambda d: math.exp(-d) + d - 1), abs=1e-6)
