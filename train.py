@@ -44,7 +44,7 @@ from l2a.data import load_samples
 from l2a.grpo import AdvantageScale, KLEstimator, LossAggregation, group_advantages
 from l2a.judges import TRAINING_GRADER, make_judge, score_responses
 from l2a.metrics import compute_metrics, graded_record
-from l2a.model import EMBEDDED_DEFAULT
+from l2a.model import EMBEDDED_DEFAULT, fastest_dtype
 from l2a.prompts import STOP_TOKEN, policy_messages
 from l2a.reward import FusionMode, TrainMode
 from l2a.rollout import SamplingConfig
@@ -64,7 +64,7 @@ class Config:
     output_dir: str = arg("runs/default", "Metrics, plots and checkpoints go here.")
     backend: Literal["local", "tinker"] = arg("local", "'local' (torch here, any number of processes) or 'tinker' (sampling and training on Tinker).")
     seed: int = arg(0, "Seeds data order, sampling and initialisation.")
-    dtype: Literal["float32", "float64"] = arg("float32", "Weights and compute of the trained model (and its reference): 'float32', or 'float64' (exact arithmetic, e.g. to check that splitting a batch changes nothing).")
+    dtype: Literal["auto", "float32", "bfloat16", "float64"] = arg("auto", "Precision of training and rollouts: 'bfloat16' (float32 master weights and optimizer, bf16 compute and sampling), 'float32', 'float64' (exact arithmetic, for checks), or 'auto': bfloat16 where the hardware computes it natively (GPUs with bf16, CPUs with AVX512-BF16 or AMX), else float32.")
     # --- rollouts ---------------------------------------------------------------------------------
     prompts_per_step: int = arg(4, "Consultations per step (rollout batch), over all processes (the paper: 64).")
     group_size: int = arg(4, "Completions sampled per consultation: the GRPO group (the paper: 5).")
@@ -129,10 +129,7 @@ class Config:
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(sys.argv[1:] if argv is None else argv)
-    # Without GPUs, `accelerate launch` runs CPU processes that talk over gloo (DDP).
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with=cfg.log_with or None,
-                              project_dir=cfg.output_dir, kwargs_handlers=[
-                                  InitProcessGroupKwargs(timeout=timedelta(minutes=cfg.dist_timeout_minutes))])
+    accelerator = make_accelerator(cfg)
     set_seed(cfg.seed)
     rank, world = accelerator.process_index, accelerator.num_processes
     if cfg.prompts_per_step % world or (cfg.prompts_per_step // world) % cfg.mini_batches:
@@ -304,6 +301,19 @@ def check_config(cfg: Config) -> None:
                             f"limits: 1 hour to 10 years), got {cfg.tinker_checkpoint_ttl_hours}")
     if problems:
         raise UserError("invalid config: " + "; ".join(problems))
+
+
+def make_accelerator(cfg: Config) -> Accelerator:
+    """The processes' meeting point (and, for one process, a thin wrapper). Resolves ``dtype: auto``.
+
+    Without GPUs, `accelerate launch` runs CPU processes that talk over gloo (DDP). With ``dtype: bfloat16`` the
+    accelerator runs the model's forward passes under bf16 autocast (mixed precision)."""
+    if cfg.dtype == "auto":  # Tinker trains remotely: the local side only reads tokens and log-probabilities
+        cfg.dtype = "float32" if cfg.backend == "tinker" else fastest_dtype(
+            torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    return Accelerator(cpu=not torch.cuda.is_available(), log_with=cfg.log_with or None,
+                       mixed_precision="bf16" if cfg.dtype == "bfloat16" else "no", project_dir=cfg.output_dir,
+                       kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=cfg.dist_timeout_minutes))])
 
 
 def make_policy(cfg: Config, accelerator: Accelerator, resume_from: Path | None):

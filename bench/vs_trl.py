@@ -1,10 +1,14 @@
 """l2a against Hugging Face TRL's GRPOTrainer: the same objective, then seconds and memory per phase.
 
     pip install -r requirements-bench.txt       # TRL, pinned; only this benchmark needs it
-    python bench/vs_trl.py                      # embedded default, token-mean <-> dapo, 3 rounds x 2 steps
-    python bench/vs_trl.py --loss-agg seq-mean-token-mean --kl-coef 0.04 --rounds 2
+    python bench/vs_trl.py                      # embedded default, token-mean <-> dapo, 3 rounds x 2 steps, twice
+    python bench/vs_trl.py --precision float32 --loss-agg seq-mean-token-mean --kl-coef 0.04 --rounds 2
 
-Both trainers get the same settings: the embedded default model (fp32), the same prompts in the same
+Two configurations, one table each (``--precision``): ``float32``, both trainers in float32 without gradient
+checkpointing (the parity below holds there); ``fastest``, each trainer as it runs fastest on this machine:
+TRL's defaults (``bf16=True``, ``gradient_checkpointing=True``) and l2a's ``dtype: auto`` (bf16 mixed precision
+where the CPU computes bf16 natively). Apart from precision both trainers get the same settings: the embedded
+default model, the same prompts in the same
 order (train.py's data order), ``group_size`` completions of at most ``max_new_tokens`` tokens at
 temperature 1, the same reward (``l2a.reward`` with the offline rubric judge), AdamW at a constant
 learning rate, gradient clipping at 1, one optimizer step per batch, and the matching loss:
@@ -66,6 +70,9 @@ class Settings:
     seed: int
     threads: int
     total_steps: int
+    precision: str = "float32"
+    """"float32": both in float32, no gradient checkpointing (parity holds to 1e-5). "fastest": each in its
+    fastest setting on this machine: TRL's defaults (bf16 autocast, gradient checkpointing), l2a's dtype auto."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -120,7 +127,6 @@ def step_record(timeline: Timeline, step_start: float, step_end: float, generate
 
 def l2a_worker(conn, settings: Settings) -> None:
     import torch
-    from accelerate import Accelerator
 
     import train
     from l2a.data import load_samples
@@ -134,11 +140,12 @@ def l2a_worker(conn, settings: Settings) -> None:
     cfg = train.Config(model=settings.model, train_file=settings.train_file, prompts_per_step=settings.prompts,
                        group_size=settings.group_size, max_new_tokens=settings.max_new_tokens,
                        learning_rate=settings.learning_rate, loss_agg=settings.loss_agg, kl_coef=settings.kl_coef,
-                       micro_batch_size=settings.prompts * settings.group_size, seed=settings.seed, eval_every=0)
+                       micro_batch_size=settings.prompts * settings.group_size, seed=settings.seed, eval_every=0,
+                       dtype="float32" if settings.precision == "float32" else "auto")
     train.set_seed(cfg.seed)
     samples = load_samples(cfg.train_file)
     judge = make_judge(cfg.judge, sampling=TRAINING_GRADER)
-    policy = LocalPolicy(cfg, Accelerator(cpu=True), None)
+    policy = LocalPolicy(cfg, train.make_accelerator(cfg), None)
 
     def score(batch, completions):
         answered = [batch[c.prompt_index] for c in completions]
@@ -255,7 +262,8 @@ def trl_worker(conn, settings: Settings) -> None:
         return [s.reward.total for s in score_responses(judge, [by_cid[c] for c in cid], texts)]
 
     args = GRPOConfig(
-        output_dir=tempfile.mkdtemp(prefix="vs_trl_"), use_cpu=True, bf16=False, seed=settings.seed,
+        output_dir=tempfile.mkdtemp(prefix="vs_trl_"), use_cpu=True, bf16=settings.precision == "fastest",
+        seed=settings.seed,
         per_device_train_batch_size=settings.prompts * settings.group_size, num_generations=settings.group_size,
         gradient_accumulation_steps=1, max_completion_length=settings.max_new_tokens, temperature=1.0, top_p=1.0,
         learning_rate=settings.learning_rate, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0,
@@ -263,7 +271,8 @@ def trl_worker(conn, settings: Settings) -> None:
         # TRL 1.16 multiplies the KL term by the (differentiable) ratio by default, DeepSeek-V3.2's unbiased
         # variant: the same value on-policy, another gradient. l2a's kl_coef is the GRPO paper's plain k3.
         use_bias_correction_kl=False,
-        gradient_checkpointing=False,  # l2a's default too; TRL's default is True (less memory, slower)
+        # TRL's default is True; off for parity in float32 (l2a's default is off too)
+        gradient_checkpointing=settings.precision == "fastest",
         shuffle_dataset=False, max_steps=settings.total_steps, logging_steps=10**9, save_strategy="no",
         report_to=[], disable_tqdm=True,
     )
@@ -412,12 +421,31 @@ def main() -> None:
     parser.add_argument("--steps-per-round", type=int, default=2)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", default=None, help="also write every step's record here")
+    parser.add_argument("--json", default=None, help="also write every step's record here (one file per precision)")
+    parser.add_argument("--precision", default="float32,fastest",
+                        help="comma-separated: float32 (parity + timing, both in float32) and/or fastest (timing, "
+                             "each trainer in its fastest setting); one table each")
     args = parser.parse_args()
 
-    settings = Settings(args.model, args.train_file, args.prompts, args.group_size, args.max_new_tokens,
-                        args.learning_rate, args.loss_agg, args.kl_coef, args.seed, args.threads,
-                        total_steps=1 + args.rounds * args.steps_per_round)
+    parity_ok = True
+    for precision in args.precision.split(","):
+        settings = Settings(args.model, args.train_file, args.prompts, args.group_size, args.max_new_tokens,
+                            args.learning_rate, args.loss_agg, args.kl_coef, args.seed, args.threads,
+                            total_steps=1 + args.rounds * args.steps_per_round, precision=precision)
+        parity_ok &= compare(settings, args) or precision != "float32"  # parity is a float32 claim
+    print(f"\nrerun: python bench/vs_trl.py {' '.join(sys.argv[1:])}".rstrip())
+    if not parity_ok:
+        raise SystemExit(1)
+
+
+PRECISIONS = {"float32": "TRL in float32 without gradient checkpointing, l2a in float32",
+              "fastest": "each in its fastest setting: TRL's defaults (bf16 autocast + gradient checkpointing), "
+                         "l2a's dtype auto"}
+
+
+def compare(settings: Settings, args: argparse.Namespace) -> bool:
+    """One configuration: both workers, parity, alternating timed blocks, the table. True if parity held."""
+    print(f"\n## {settings.precision}: {PRECISIONS[settings.precision]}", flush=True)
     context = mp.get_context("spawn")
     workers = {}
     for name, target in (("l2a", l2a_worker), ("TRL", trl_worker)):
@@ -472,12 +500,12 @@ def main() -> None:
         process.join(timeout=60)
 
     if not args.rounds:
-        raise SystemExit(0 if parity_ok else 1)
+        return parity_ok
 
     # ---- 3. the table --------------------------------------------------------------------------------
     ours, theirs = summarise(records["l2a"]), summarise(records["TRL"])
     mean_tokens = {name: statistics.mean(r["tokens"] for r in rs) for name, rs in records.items()}
-    print(f"\n# {args.model}, {args.prompts} prompts x {args.group_size} completions, <= {args.max_new_tokens} new "
+    print(f"\n# {settings.precision}: {args.model}, {args.prompts} prompts x {args.group_size} completions, <= {args.max_new_tokens} new "
           f"tokens, {args.loss_agg} <-> {LOSS_TYPES[args.loss_agg]}, kl {args.kl_coef}, {args.threads} threads")
     print(f"# median of {args.rounds * args.steps_per_round} steps each, alternating blocks of {args.steps_per_round} "
           f"after a warm-up step; completion tokens per step: l2a {mean_tokens['l2a']:.0f}, TRL {mean_tokens['TRL']:.0f}")
@@ -493,12 +521,13 @@ def main() -> None:
           f"{per_token['l2a'] / per_token['TRL']:8.2f}   (seconds per 100 completion tokens: the runs sample different lengths)")
     print(f"{'idle (loaded)':15s} {'':8s} {'':8s} {'':8s}   {idle['l2a']:8.0f} {idle['TRL']:8.0f} "
           f"{idle['l2a'] / idle['TRL']:8.2f}")
-    print(f"\nrerun: python bench/vs_trl.py {' '.join(sys.argv[1:])}".rstrip())
     if args.json:
-        Path(args.json).write_text(json.dumps({"settings": asdict(settings), "records": records, "idle_mb": idle,
-                                               "parity": {"l2a": parity_l2a, "trl": parity_trl, "gradients": gradients}}))
-    if not parity_ok:
-        raise SystemExit(1)
+        path = Path(args.json).with_suffix(f".{settings.precision}.json")
+        path.write_text(json.dumps({"settings": asdict(settings), "records": records, "idle_mb": idle,
+                                    "parity": {"l2a": parity_l2a, "trl": parity_trl, "gradients": gradients}}))
+    return parity_ok
+
+
 
 
 if __name__ == "__main__":

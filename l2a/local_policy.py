@@ -57,7 +57,9 @@ class LocalPolicy:
         self.sharded = accelerator.is_fsdp2  # each process holds one shard of every weight
         path = str(resume_from) if resume_from else cfg.model
         self.tokenizer = load_tokenizer(path)
-        self.dtype = getattr(torch, cfg.dtype)
+        # bfloat16 is mixed precision: float32 master weights and optimizer state, bf16 compute (the accelerator's
+        # autocast) and a bf16 copy of the weights to sample from; float64 is float64 throughout.
+        self.dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
         model = load_model(path, self.dtype)
         model.config.use_cache = False
         model.train()  # from_pretrained returns eval mode, in which checkpointed layers do not checkpoint
@@ -74,7 +76,7 @@ class LocalPolicy:
         self.reference = None
         if cfg.kl_coef:  # the frozen starting point: never the resumed weights
             self.reference = self.prepare_frozen(load_model(cfg.model, self.dtype).eval().requires_grad_(False))
-        self.replica = None  # a full copy of the weights for the HF engine: under FSDP2, or lagging (see make_engine)
+        self.replica = None  # a full copy of the weights for the HF engine: under FSDP2, in bf16, lagging (make_engine)
         self.engine = self.make_engine(path)
 
     def prepare_frozen(self, model):
@@ -89,12 +91,15 @@ class LocalPolicy:
     def make_engine(self, path: str):
         cfg, accelerator = self.cfg, self.accelerator
         if cfg.rollout_engine == "hf":
-            if not self.sharded and cfg.sync_interval == 1:
+            if not self.sharded and cfg.dtype != "bfloat16" and cfg.sync_interval == 1:
                 return HFEngine(accelerator.unwrap_model(self.model), self.tokenizer, cfg.generation_batch_size)
-            # A sharded model gathers its weights in every forward pass, a collective, and processes stop
-            # generating at different lengths; a lagging sampler keeps older weights than the trainer's. Both
-            # sample from a full replica, loaded with the trained weights at every sync_sampler.
-            self.replica = load_model(path, self.dtype).to(accelerator.device).eval().requires_grad_(False)
+            # Sample from a full replica of the weights instead, loaded at every sync_sampler: under FSDP2 a sharded
+            # model gathers its weights in every forward pass, a collective, and processes stop generating at
+            # different lengths; in bfloat16, decoding reads every weight for each token, so a bf16 copy halves what
+            # it reads (autocast would convert the float32 weights at every step instead); a lagging sampler keeps
+            # older weights than the trainer's.
+            dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else self.dtype
+            self.replica = load_model(path, dtype).to(accelerator.device).eval().requires_grad_(False)
             return HFEngine(self.replica, self.tokenizer, cfg.generation_batch_size)
         if cfg.top_p != 1.0:  # vLLM then reports log-probabilities renormalised over the nucleus
             accelerator.print(f"warning: top_p={cfg.top_p}: vLLM's log-probabilities differ from the trainer's")

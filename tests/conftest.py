@@ -19,3 +19,13 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     from tiny_model import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """accelerate keeps one process-wide state, fixed by the first ``Accelerator()``; a command runs once per process,
+    but tests call ``train.main`` many times in one, with different precisions (``mixed_precision`` may not change)."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)

@@ -48,7 +48,7 @@ def data_files(tmp_path_factory) -> dict[str, Path]:
 def _args(model_dir, data: Path, out: Path, *extra: str) -> list[str]:
     return ["--model", str(model_dir), "--train_file", str(data), "--eval_file", str(data), "--output_dir", str(out),
             "--prompts_per_step", "2", "--group_size", "3", "--max_new_tokens", "6", "--micro_batch_size", "4",
-            "--learning_rate", "1e-2", "--eval_samples", "4", *extra]
+            "--learning_rate", "1e-2", "--eval_samples", "4", "--dtype", "float32", *extra]
 
 
 def _grade(request: dict) -> str:

@@ -76,7 +76,7 @@ def test_engine_is_synced_every_sync_interval_steps(sync_interval, tiny_model_di
                 "--output_dir", str(out), "--steps", "3", "--eval_every", "0", "--prompts_per_step", "2",
                 "--group_size", "3", "--max_new_tokens", "6", "--micro_batch_size", "3", "--learning_rate", "1e-2",
                 "--judge", "openai", "--judge_url", stub.base_url, "--rollout_engine", "vllm",
-                "--vllm_kv_cache_gb", "0.03125", "--vllm_is_correction", "true",
+                "--vllm_kv_cache_gb", "0.03125", "--vllm_is_correction", "true", "--dtype", "float32",
                 "--sync_interval", str(sync_interval),
             ])
         except BaseException:
