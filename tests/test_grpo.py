@@ -235,6 +235,10 @@ def test_dual_clip_caps_negative_advantage_tokens_by_hand():
     assert torch.allclose(logp.grad, torch.tensor([[0.0, 2.0 / 5, 0.0], [0.0, -2.0 / 5, 0.0]], dtype=torch.float64))
     assert stats["clip_dual_frac"].item() == pytest.approx(1 / 5)
     assert stats["clip_low_frac"].item() == pytest.approx(1 / 5) and stats["clip_high_frac"].item() == pytest.approx(1 / 5)
+    padding = DUAL_MASK.clone()
+    padding[0, 0] = 0.0  # the capped token as padding: it counts in neither the loss nor the fraction
+    loss, stats = grpo_loss(DUAL_LOGP, DUAL_OLD, DUAL_ADV, padding, clip_ratio_c=3.0)
+    assert loss.item() == pytest.approx((2.0 + 0.8 - 2.4 - 2.0) / 4) and stats["clip_dual_frac"].item() == 0.0
 
     uncapped, stats = grpo_loss(DUAL_LOGP, DUAL_OLD, DUAL_ADV, DUAL_MASK)  # off by default: ratio 5 counts 5
     assert uncapped.item() == pytest.approx((5.0 + 2.0 + 0.8 - 2.4 - 2.0) / 5)
