@@ -59,7 +59,11 @@ LOSS_TYPES = {"token-mean": "dapo", "seq-mean-token-mean": "grpo", "seq-mean-tok
 PHASES = ("generate", "reward", "logprobs", "backward+step", "other", "step")
 TRL_ADVANTAGE_EPS = 1e-4  # TRL divides by (std + 1e-4); l2a's default is 1e-6
 LOSS_TOLERANCE = 1e-5  # absolute, on losses of order 1
-GRAD_TOLERANCE = 1e-4  # relative L2 error of the whole gradient vector
+# Relative L2 error of the whole gradient vector. In float32 the two trainers agree to summation order; under bf16
+# autocast each one's gradient is ~3% from its own float32 gradient (tests/test_logprobs.py measures 3.4% on SmolLM2),
+# so there they can agree only to bf16's resolution, and the check guards against gross errors (a wrong aggregation
+# or a missing term moves the gradient by tens of percent).
+GRAD_TOLERANCE = {"float32": 1e-4, "fastest": 0.1}
 
 
 @dataclass
@@ -80,6 +84,8 @@ class Settings:
     precision: str = "float32"
     """"float32": both in float32, no gradient checkpointing (parity holds to 1e-5). "fastest": each in its
     fastest setting on this machine: TRL's defaults (bf16 autocast, gradient checkpointing), l2a's dtype auto."""
+    l2a_checkpointing: bool = False
+    """l2a with gradient checkpointing too (TRL's default): less memory for ~one more forward pass per step."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -149,7 +155,8 @@ def l2a_worker(conn, settings: Settings) -> None:
                        learning_rate=settings.learning_rate, loss_agg=settings.loss_agg, kl_coef=settings.kl_coef,
                        ppo_epochs=settings.num_iterations, clip_ratio_c=settings.clip_ratio_c,
                        micro_batch_size=settings.prompts * settings.group_size, seed=settings.seed, eval_every=0,
-                       dtype="float32" if settings.precision == "float32" else "auto")
+                       dtype="float32" if settings.precision == "float32" else "auto",
+                       gradient_checkpointing=settings.l2a_checkpointing)
     train.set_seed(cfg.seed)
     samples = load_samples(cfg.train_file)
     judge = make_judge(cfg.judge, sampling=TRAINING_GRADER)
@@ -455,6 +462,8 @@ def main() -> None:
     parser.add_argument("--precision", default="float32,fastest",
                         help="comma-separated: float32 (parity + timing, both in float32) and/or fastest (timing, "
                              "each trainer in its fastest setting); one table each")
+    parser.add_argument("--l2a-checkpointing", action="store_true",
+                        help="l2a with gradient checkpointing as well (TRL's default): the memory-for-compute trade")
     args = parser.parse_args()
     if args.num_iterations > 1 and (args.rounds or args.precision != "float32"):
         parser.error("--num-iterations > 1 checks parity only (--rounds 0 --precision float32): the timed steps "
@@ -467,8 +476,8 @@ def main() -> None:
         settings = Settings(args.model, args.train_file, args.prompts, args.group_size, args.max_new_tokens,
                             args.learning_rate, args.loss_agg, args.kl_coef, args.num_iterations, args.clip_ratio_c,
                             args.seed, args.threads, total_steps=1 + args.rounds * args.steps_per_round,
-                            precision=precision)
-        parity_ok &= compare(settings, args) or precision != "float32"  # parity is a float32 claim
+                            precision=precision, l2a_checkpointing=args.l2a_checkpointing)
+        parity_ok &= compare(settings, args)
     print(f"\nrerun: python bench/vs_trl.py {' '.join(sys.argv[1:])}".rstrip())
     if not parity_ok:
         raise SystemExit(1)
@@ -481,7 +490,8 @@ PRECISIONS = {"float32": "TRL in float32 without gradient checkpointing, l2a in 
 
 def compare(settings: Settings, args: argparse.Namespace) -> bool:
     """One configuration: both workers, parity, alternating timed blocks, the table. True if parity held."""
-    print(f"\n## {settings.precision}: {PRECISIONS[settings.precision]}", flush=True)
+    print(f"\n## {settings.precision}: {PRECISIONS[settings.precision]}"
+          f"{'; l2a with gradient checkpointing' if settings.l2a_checkpointing else ''}", flush=True)
     context = mp.get_context("spawn")
     workers = {}
     for name, target in (("l2a", l2a_worker), ("TRL", trl_worker)):
@@ -504,7 +514,8 @@ def compare(settings: Settings, args: argparse.Namespace) -> bool:
         gradients = compare_gradients(f"{tmp}/l2a.safetensors", f"{tmp}/trl.safetensors")
     loss_gap = abs(parity_l2a["loss"] - parity_trl["loss"])
     advantage_gap = max(abs(a - b) for a, b in zip(parity_l2a["advantages"], parity_trl["advantages"]))
-    parity_ok = (loss_gap <= LOSS_TOLERANCE and gradients.get("relative_l2", 1.0) <= GRAD_TOLERANCE
+    grad_tolerance = GRAD_TOLERANCE[settings.precision]
+    parity_ok = (loss_gap <= LOSS_TOLERANCE and gradients.get("relative_l2", 1.0) <= grad_tolerance
                  and parity_trl["same_prompt_tokens"])
     tokens = sum(len(c) for c in parity_l2a["batch"]["completion_ids"])
     print(f"# parity on one fixed batch ({len(parity_l2a['batch']['rewards'])} completions, {tokens} tokens), "
@@ -513,7 +524,7 @@ def compare(settings: Settings, args: argparse.Namespace) -> bool:
     print(f"loss          l2a {parity_l2a['loss']:+.8f}   TRL {parity_trl['loss']:+.8f}   |diff| {loss_gap:.2e} "
           f"(tolerance {LOSS_TOLERANCE:g})")
     print(f"gradients     relative L2 error {gradients.get('relative_l2', float('nan')):.2e} (tolerance "
-          f"{GRAD_TOLERANCE:g}), max |diff| {gradients.get('max_abs', float('nan')):.2e}, "
+          f"{grad_tolerance:g}), max |diff| {gradients.get('max_abs', float('nan')):.2e}, "
           f"|grad| {gradients.get('grad_norm_trl', float('nan')):.4f}  {gradients.get('error', '')}")
     print(f"mean KL       l2a {parity_l2a['kl']:.6f}   TRL {parity_trl['kl']:.6f}")
     print(f"ratio         l2a mean {parity_l2a['ratio_mean']:.6f}; clipped low/high/dual l2a "

@@ -508,3 +508,28 @@ def test_sampler_metrics_and_importance_weights_by_hand(tiny_model_dir, data_fil
     assert metrics["sampler_logprob_diff_max"] == pytest.approx(2.0, abs=1e-6)
     assert metrics["is_weight_mean"] == pytest.approx(mean(lambda d: min(math.exp(-d), 3.0)), abs=1e-6)
     assert metrics["kl_to_sampler"] == pytest.approx(mean(lambda d: math.exp(-d) + d - 1), abs=1e-6)
+
+
+def test_bf16_rollouts_sample_from_the_trained_weights(tiny_model_dir, data_files, judge_url, tmp_path, monkeypatch):
+    """dtype bfloat16 samples from a bf16 replica of the weights: before every rollout it must hold the trained
+    float32 weights rounded to bf16, or GRPO would learn from samples of a policy it no longer is."""
+    from l2a.local_policy import LocalPolicy
+
+    checked, first_weights = [], {}
+    real_generate = LocalPolicy.generate
+
+    def generate(self, chats, n, sampling):
+        sampler_state = self.engine.model.state_dict()
+        for name, tensor in self.model.state_dict().items():
+            assert tensor.dtype == torch.float32 and sampler_state[name].dtype == torch.bfloat16, name
+            assert torch.equal(sampler_state[name], tensor.to(torch.bfloat16)), name
+        first_weights.setdefault("embed", self.model.state_dict()["model.embed_tokens.weight"].clone())
+        checked.append(sampling.seed)
+        return real_generate(self, chats, n, sampling)
+
+    monkeypatch.setattr(LocalPolicy, "generate", generate)
+    train.main(_args(tiny_model_dir, data_files["mixed"], tmp_path / "run", "--steps", "3", "--eval_every", "0",
+                     "--dtype", "bfloat16", *judge_url))
+    assert len(checked) == 3
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "checkpoints" / "step-000003")
+    assert not torch.equal(trained.model.embed_tokens.weight, first_weights["embed"])  # the weights did move
