@@ -15,7 +15,10 @@ among the samples. Then each GRPO step:
      format into one number (the paper's R = R_s (1 + 2 R_a) + P);
   3. advantages: how much better each completion is than its siblings (``group_advantages``);
   4. update: the clipped policy-gradient loss (plus a KL term to a frozen reference if ``kl_coef > 0``) over
-     micro-batches, with the token counts of the whole batch; one optimizer step (``policy.update``);
+     micro-batches, with the token counts of what is trained on, and an optimizer step (``policy.update``):
+     once per batch by default, or ``ppo_epochs`` passes over ``mini_batches`` slices of it, the ratio taken
+     against log pi_old from before the batch's first step; then the rollout engine gets the new weights, after
+     every step or (``sync_interval``) every k optimizer steps, a lagging sampler as in the reference run;
   5. log, evaluate on held-out consultations every ``eval_every`` steps, save every ``save_every`` steps.
 ``--resume true`` continues a stopped run exactly. The policy is ``l2a.local_policy.LocalPolicy`` (torch here,
 any number of processes) or ``l2a.tinker_backend.TinkerPolicy``: the loop is the same.
@@ -24,6 +27,7 @@ any number of processes) or ``l2a.tinker_backend.TinkerPolicy``: the loop is the
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -59,12 +63,12 @@ class Config:
     seed: int = arg(0, "Seeds data order, sampling and initialisation.")
     dtype: Literal["auto", "float32", "bfloat16", "float64"] = arg("auto", "Precision of training and rollouts: 'bfloat16' (float32 master weights and optimizer, bf16 compute and sampling), 'float32', 'float64' (exact arithmetic, for checks), or 'auto': bfloat16 where the hardware computes it natively (GPUs with bf16, CPUs with AVX512-BF16 or AMX), else float32.")
     # --- rollouts ---------------------------------------------------------------------------------
-    prompts_per_step: int = arg(4, "Consultations per optimizer step, over all processes (the paper: 64).")
+    prompts_per_step: int = arg(4, "Consultations per step (rollout batch), over all processes (the paper: 64).")
     group_size: int = arg(4, "Completions sampled per consultation: the GRPO group (the paper: 5).")
     max_new_tokens: int = arg(32, "Completion length limit in tokens (the paper: 1024).")
     temperature: float = arg(1.0, "Sampling temperature; the trainer's log-probabilities use the same one.")
     top_p: float = arg(1.0, "Nucleus sampling threshold for rollouts.")
-    rollout_engine: Literal["hf", "vllm"] = arg("hf", "Rollout engine: 'hf' (transformers generate) or 'vllm' (colocated, synced every step).")
+    rollout_engine: Literal["hf", "vllm"] = arg("hf", "Rollout engine: 'hf' (transformers generate) or 'vllm' (colocated, synced every sync_interval optimizer steps).")
     generation_batch_size: int = arg(32, "Sequences generated at once by the HF engine.")
     # --- vLLM engine (rollout_engine=vllm): one per process, colocated with the trainer -----------------
     vllm_dtype: Literal["float32", "bfloat16", "float16"] = arg("float32", "Engine weights: 'float32' (matches the trainer exactly) or 'bfloat16' (GPU).")
@@ -76,7 +80,7 @@ class Config:
     vllm_sleep_mode: bool = arg(False, "GPU: the engine frees its weights and KV cache between rollouts (more memory for training).")
     vllm_max_num_batched_tokens: int = arg(4096, "Tokens vLLM schedules per pass; bounds its activation memory.")
     vllm_sync_dir: str = arg("", "Folder for weight-sync files of a multi-process engine (CPU); '' = /dev/shm.")
-    vllm_is_correction: bool = arg(False, "Weight each token's policy-gradient term by min(pi_trainer/pi_vllm, vllm_is_cap).")
+    vllm_is_correction: bool = arg(False, "Weight each token's policy-gradient term by min(pi_old/pi_sampler, vllm_is_cap): for the vLLM engine's numerical gap, and for a lagging sampler (sync_interval > 1, either engine).")
     vllm_is_cap: float = arg(3.0, "Cap C of the truncated importance-sampling weight.")
     # --- reward -----------------------------------------------------------------------------------
     judge: Literal["rubric", "openai"] = arg("rubric", "'rubric' (offline, deterministic) or 'openai' (an OpenAI-compatible LLM grader).")
@@ -92,13 +96,17 @@ class Config:
     sft_learning_rate: float = arg(5e-5, "AdamW learning rate of the warm start, constant.")
     sft_frozen_layers: int = arg(15, "Bottom decoder layers (and the embeddings) the warm start keeps fixed: about 3x faster steps; GRPO trains every weight.")
     # --- GRPO -------------------------------------------------------------------------------------
-    steps: int = arg(16, "Optimizer steps (ignored when epochs is set).")
+    steps: int = arg(16, "Rollout batches, i.e. loop iterations, each of ppo_epochs x mini_batches optimizer steps (ignored when epochs is set).")
     epochs: int = arg(0, "Passes over train_file, the reference's total_epochs: when > 0, steps = ceil(epochs * train samples / prompts_per_step), computed and printed at start-up; 0 = use steps.")
+    ppo_epochs: int = arg(1, "Passes over each rollout batch (the GRPO paper's mu, TRL's num_iterations, verl's ppo_epochs); 1 = on-policy, ratio 1.")
+    mini_batches: int = arg(1, "Optimizer steps per pass: each process's groups split into this many equal slices, in order.")
+    sync_interval: int = arg(1, "The rollout engine's weights are refreshed every k optimizer steps (Trinity-RFT's sync_interval), at the end of the rollout batch that reaches a multiple of k; 1 = every batch samples from the newest weights.")
     learning_rate: float = arg(2e-5, "AdamW learning rate, constant (the paper: 5e-7 for 7B).")
     weight_decay: float = arg(0.0, "AdamW weight decay.")
     adv_scale: AdvantageScale = arg("group", "Advantage scaling: 'group' (GRPO), 'batch', or 'none' (Dr. GRPO).")
     clip_low: float = arg(0.2, "PPO clip: ratio floor is 1 - clip_low.")
     clip_high: float = arg(0.2, "PPO clip: ratio ceiling is 1 + clip_high (DAPO suggests 0.28).")
+    clip_ratio_c: float | None = arg(None, "Dual clip: where the advantage A < 0, the per-token loss is capped at -clip_ratio_c * A (verl's and Trinity-RFT's clip_ratio_c, 3.0 there); > 1, unset = off.")
     kl_coef: float = arg(0.0, "Weight of the KL penalty to the frozen initial model; 0 loads no reference.")
     kl_estimator: KLEstimator = arg("k3", "KL estimator: k1, k2 or k3.")
     loss_agg: LossAggregation = arg("token-mean", "'token-mean', 'seq-mean-token-mean' (GRPO paper) or 'seq-mean-token-sum-norm' (Dr. GRPO).")
@@ -126,8 +134,9 @@ def main(argv: list[str] | None = None) -> None:
     accelerator = make_accelerator(cfg)
     set_seed(cfg.seed)
     rank, world = accelerator.process_index, accelerator.num_processes
-    if cfg.prompts_per_step % world:
-        raise UserError(f"prompts_per_step={cfg.prompts_per_step} must be a multiple of the {world} processes")
+    if cfg.prompts_per_step % world or (cfg.prompts_per_step // world) % cfg.mini_batches:
+        raise UserError(f"prompts_per_step={cfg.prompts_per_step} must be a multiple of the {world} processes times "
+                        f"mini_batches={cfg.mini_batches} (each process's groups split evenly into mini-batches)")
     if cfg.sft_steps and world > 1:
         raise UserError("the warm start (sft_steps) runs in one process: run `python -m l2a.sft` first, then train "
                         "from its checkpoint with --model <checkpoint> --sft_steps 0")
@@ -180,12 +189,23 @@ def main(argv: list[str] | None = None) -> None:
             stop_if_the_judge_fails(failed=everything[:, 6], asked=everything[:, 7], judge=judge, step=step)
             advantages = group_advantages(everything[:, 0], cfg.group_size, cfg.adv_scale).view(world, -1)[rank]
 
-            # ---- 4. update: GRPO loss over micro-batches, backward, one optimizer step (skipped if not finite) --
-            update = policy.update(completions, advantages)
+            # ---- 4. update: ppo_epochs passes over mini_batches slices of whole groups, an optimizer step each
+            #      (GRPO loss over micro-batches, backward, AdamW; skipped if not finite), then the sampler's sync ---
+            old_logprobs = policy.logprobs_before_update(completions)  # log pi_old; None: one step, pi_old = pi
+            updates = []
+            for epoch in range(cfg.ppo_epochs):
+                for part in mini_batch_slices(len(completions), cfg.mini_batches):
+                    updates.append(policy.update(completions[part], advantages[part],
+                                                 old_logprobs[part] if old_logprobs else None))
+            optimizer_steps = (step + 1) * len(updates)
+            sync_seconds = 0.0
+            if sampler_is_due(optimizer_steps, len(updates), cfg.sync_interval) or step + 1 == cfg.steps:
+                sync_seconds = policy.sync_sampler()  # the next rollouts (or the last evaluation) see the new weights
             peaks.phase("train")
-            if not update.pop("applied"):
-                skipped_steps += 1
-                accelerator.print(f"step {step + 1}: non-finite loss or gradient, update skipped")
+            if skipped := sum(not update.pop("applied") for update in updates):
+                skipped_steps += skipped
+                accelerator.print(f"step {step + 1}: non-finite loss or gradient, {skipped} of {len(updates)} "
+                                  "optimizer steps skipped")
             t3 = time.perf_counter()
 
             # ---- 5. log (whole-batch numbers, all processes), evaluate, save --------------------------------------
@@ -197,7 +217,8 @@ def main(argv: list[str] | None = None) -> None:
                 "reward_format": parts[3].item(),
                 "decision_accuracy": parts[1].item(),
                 "frac_zero_std_groups": (groups.max(1).values == groups.min(1).values).float().mean().item(),
-                **update,
+                **mean_over_updates(updates),
+                "optimizer_steps": optimizer_steps,
                 "completion_length": parts[4].item(),
                 "stop_rate": parts[5].item(),
                 "judge_failures": int(everything[:, 6].sum().item()),
@@ -205,6 +226,7 @@ def main(argv: list[str] | None = None) -> None:
                 "time/generate": t1 - t0,
                 "time/judge": t2 - t1,
                 "time/train": t3 - t2,
+                "time/sync": sync_seconds,
                 "skipped_steps": skipped_steps,
                 **peaks.metrics,
             }
@@ -243,9 +265,24 @@ def check_config(cfg: Config) -> None:
     problems = []
     if cfg.group_size < 2:
         problems.append("group_size must be at least 2 (advantages compare the completions of a group)")
-    for name in ("prompts_per_step", "max_new_tokens", "micro_batch_size", "keep_checkpoints"):
+    for name in ("prompts_per_step", "max_new_tokens", "micro_batch_size", "keep_checkpoints", "ppo_epochs",
+                 "mini_batches", "sync_interval"):
         if getattr(cfg, name) < 1:
             problems.append(f"{name} must be at least 1")
+    if cfg.mini_batches >= 1 and cfg.prompts_per_step % cfg.mini_batches:
+        problems.append(f"prompts_per_step={cfg.prompts_per_step} must be a multiple of mini_batches="
+                        f"{cfg.mini_batches} (a mini-batch is whole groups)")
+    if cfg.clip_ratio_c is not None and not cfg.clip_ratio_c > 1:
+        problems.append(f"clip_ratio_c must be > 1 (it caps the ratio above the clip range), got {cfg.clip_ratio_c}")
+    if cfg.sync_interval > 1 and min(cfg.ppo_epochs, cfg.mini_batches) >= 1:
+        # A lagging engine holds the trained weights only right after a sync: evaluations sample from it, and a
+        # checkpoint must fall there so that --resume (whose engine starts from the checkpoint) continues exactly.
+        period = cfg.sync_interval // math.gcd(cfg.sync_interval, cfg.ppo_epochs * cfg.mini_batches)
+        for name in ("eval_every", "save_every"):
+            if getattr(cfg, name) % period:
+                problems.append(f"{name}={getattr(cfg, name)} must be a multiple of {period}: with sync_interval "
+                                f"{cfg.sync_interval} the rollout engine holds the trained weights only every "
+                                f"{period} steps (evaluations sample from it; --resume restarts it from a checkpoint)")
     if cfg.epochs < 0:
         problems.append("epochs must be 0 (use steps) or more")
     elif cfg.epochs and cfg.steps != Config.steps:  # a changed steps would be silently replaced: say so instead
@@ -253,9 +290,11 @@ def check_config(cfg: Config) -> None:
                         "train file; give one of them (epochs 0 to use steps)")
     if cfg.temperature <= 0:
         problems.append("temperature must be > 0 for training (greedy sampling has no log-probabilities to train)")
-    if cfg.vllm_is_correction and (cfg.rollout_engine != "vllm" or cfg.top_p != 1.0):
-        problems.append("vllm_is_correction needs rollout_engine: vllm and top_p: 1 (the HF engine reports no "
-                        "log-probabilities; vLLM's are renormalised over the nucleus when top_p < 1)")
+    if cfg.vllm_is_correction and ((cfg.rollout_engine != "vllm" and cfg.sync_interval == 1) or cfg.top_p != 1.0):
+        problems.append("vllm_is_correction needs the sampler's log-probabilities at top_p: 1: rollout_engine vllm, "
+                        "or sync_interval > 1 (a lagging HF sampler reports them; one that does not lag samples "
+                        "from the trained weights themselves), and top_p 1 (a nucleus is not the trainer's "
+                        "distribution)")
     if cfg.sft_steps < 0 or (cfg.sft_steps and cfg.sft_batch_size < 1):
         problems.append("sft_steps must be at least 0, and sft_batch_size at least 1")
     if cfg.backend == "tinker":
@@ -263,6 +302,8 @@ def check_config(cfg: Config) -> None:
             problems.append("backend tinker has no warm start: set sft_steps to 0")
         if cfg.kl_coef != 0:
             problems.append("backend tinker has no KL term (its losses take no reference model): set kl_coef to 0")
+        if cfg.clip_ratio_c is not None:
+            problems.append("backend tinker has no dual clip (its ppo loss clips the ratio only): unset clip_ratio_c")
         if cfg.temperature != 1.0 or cfg.top_p != 1.0:
             problems.append("backend tinker trains on untempered, untruncated log-probabilities: set temperature "
                             f"and top_p to 1 (got {cfg.temperature} and {cfg.top_p})")
@@ -321,7 +362,7 @@ def warm_start(policy, train_samples: list[dict], eval_samples: list[dict], judg
             indices = batch_indices(len(train_samples), k, cfg.sft_batch_size, cfg.seed, stream="sft")
             metrics = trainer.step([train_samples[i] for i in indices])
             log({f"sft/{key}": value for key, value in metrics.items()}, step=k + 1 - cfg.sft_steps)
-    policy.sync_rollout_weights()  # a vLLM engine samples the warm-started weights too
+    policy.sync_sampler()  # the rollout engine (vLLM, or the bf16 replica) samples the warm-started weights
 
 
 class MetricsLog:
@@ -357,6 +398,35 @@ def stop_if_the_judge_fails(failed: torch.Tensor, asked: torch.Tensor, judge, st
     if failures > graded / 2:
         raise UserError(f"step {step + 1}: {failures} of the {graded} grades from {judge.describe()} failed "
                         f"({judge.last_problem}); the run stops rather than train on rewards without content scores")
+
+
+def mini_batch_slices(num_completions: int, mini_batches: int) -> list[slice]:
+    """``mini_batches`` equal consecutive slices of this process's completions, in order.
+
+    Groups are contiguous and each process's share splits into whole groups per slice (checked at start). And
+    since process r holds prompts r, r + N, r + 2N, ... of the step, slice m of every process together is slice m
+    of the batch one process would hold: N processes train on the same mini-batches as one.
+    """
+    size = num_completions // mini_batches
+    return [slice(m * size, (m + 1) * size) for m in range(mini_batches)]
+
+
+def sampler_is_due(optimizer_steps: int, just_taken: int, sync_interval: int) -> bool:
+    """Whether the rollout engine gets the trained weights after this batch: when its optimizer steps reached a
+    multiple of ``sync_interval``. One step per batch and sync_interval 10: after batches 10, 20, ... (batches
+    11-20 are sampled with the weights after step 10, up to 9 steps old); 4 steps per batch and sync_interval 8:
+    after every second batch; sync_interval <= steps per batch: after every batch."""
+    return optimizer_steps // sync_interval > (optimizer_steps - just_taken) // sync_interval
+
+
+def mean_over_updates(updates: list[dict[str, float]]) -> dict[str, float]:
+    """The step's numbers from those of its optimizer steps: each key's mean (the maximum for ``*_max``).
+    With one optimizer step per batch they are that step's, bit for bit."""
+
+    def mean(values: list[float]) -> float:
+        return sum(values[1:], start=values[0]) / len(values)
+
+    return {key: (max if key.endswith("_max") else mean)([u[key] for u in updates]) for key in updates[0]}
 
 
 class DevicePeaks:

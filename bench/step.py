@@ -92,7 +92,7 @@ def main() -> None:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if bf16:
-                sampler.load_state_dict(model.state_dict())  # the sync LocalPolicy does after every step
+                sampler.load_state_dict(model.state_dict())  # LocalPolicy.sync_sampler, after every step by default
         if record:
             tokens.append(sum(len(c.token_ids) for c in completions))
             decode_steps.append(max(len(c.token_ids) for c in completions))  # one generate call: all rows together

@@ -10,12 +10,16 @@ One GRPO step, in the notation of the functions below:
     A_i      = (r_i - mean(r_group)) / (std(r_group) + eps)              group_advantages
     ratio_it = exp(logp_it - logp_old_it)                                grpo_loss
     l_it     = -min(ratio_it * A_i, clip(ratio_it, 1 - e_low, 1 + e_high) * A_i) + beta * KL_it
+               (where A_i < 0, optionally capped at -c * A_i: the dual clip)
     loss     = aggregate(l, mask)                                        token-mean | seq-mean-token-mean | ...
 
-With one optimisation pass per batch (on-policy, as here) ``logp_old`` is ``logp.detach()``: the ratio
-is exactly 1 in value, the clip never binds, the loss value is ``-mean(A)`` (about 0, because
-advantages are centred), and the gradient is the policy gradient ``-A * grad(logp)``. A zero loss is
-expected; a zero gradient is a bug.
+``logp_old`` are the log-probabilities of the weights the batch's update starts from. With one optimizer
+step per batch (train.py's default) they are the trained pass's own, ``logp.detach()``: the ratio is
+exactly 1 in value, no clip binds, the loss value is ``-mean(A)`` (about 0, because advantages are
+centred), and the gradient is the policy gradient ``-A * grad(logp)``. A zero loss is expected; a zero
+gradient is a bug. With several optimizer steps per batch (``ppo_epochs`` passes over ``mini_batches``
+slices) every step after the first starts from moved weights: the ratio leaves 1, and the clips bound how far
+one batch can push the policy.
 """
 
 from __future__ import annotations
@@ -137,17 +141,33 @@ def grpo_loss(
     num_seqs: int | None = None,
     *,
     token_weights: torch.Tensor | None = None,
+    clip_ratio_c: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The clipped GRPO surrogate with an optional KL term, aggregated over tokens.
 
     Per token (``A_i`` broadcast over the tokens of completion i):
 
         ratio_it = exp(logp_it - logp_old_it)
-        l_it     = -w_it * min(ratio_it * A_i, clamp(ratio_it, 1 - clip_low, 1 + clip_high) * A_i) + kl_coef * KL_it
+        pg_it    = -min(ratio_it * A_i, clamp(ratio_it, 1 - clip_low, 1 + clip_high) * A_i)
+        pg_it    = min(pg_it, -c * A_i)   where A_i < 0        (dual clip, if clip_ratio_c = c is given)
+        l_it     = w_it * pg_it + kl_coef * KL_it
+
+    The dual clip (Ye et al. 2020, "Mastering Complex Control in MOBA Games"; verl's and Trinity-RFT's
+    ``clip_ratio_c``, default 3 there, off here) bounds what the PPO clip leaves open: for A < 0 the clip
+    only stops the ratio from *falling* (below 1 - clip_low), while a ratio far *above* 1 keeps a loss
+    ``-ratio * A`` that grows without bound with a gradient to match. With the cap, such a token's loss is the
+    constant ``-c * A`` (no gradient) once ``ratio > c``. For A >= 0 nothing changes. Worked example, A = -1,
+    c = 3: ratio 5 gives pg = min(5, 3) = 3 (capped, gradient 0); ratio 2 gives 2 (gradient flows); ratio 0.5
+    gives 0.8 (the ordinary clip at 1 - 0.2). verl's ``compute_policy_loss_vanilla`` writes the same thing as
+
+        pg_losses3 = -A * clip_ratio_c;  pg = where(A < 0, min(pg_losses3, max(pg_losses1, pg_losses2)), ...)
+
+    and, like here, multiplies the result by its rollout importance weights afterwards.
 
     ``w_it`` is ``token_weights`` (1 when None, detached if given): e.g. the truncated importance weight
     ``min(exp(logp_old_it - logp_sampler_it), C)`` that corrects for tokens sampled by an engine (vLLM)
-    whose probabilities differ slightly from the trainer's (TRL's ``vllm_importance_sampling_correction``).
+    whose probabilities differ slightly from the trainer's (TRL's ``vllm_importance_sampling_correction``),
+    or by a sampler whose weights lag behind the trainer's (train.py's ``sync_interval``).
     It weights the policy-gradient term only, not the KL term.
 
     Aggregation over the masked tokens (m_it = mask), side by side:
@@ -164,12 +184,15 @@ def grpo_loss(
 
     Shapes: logprobs, old_logprobs, ref_logprobs, mask, token_weights [B, T]; advantages [B].
     Returns (loss, stats) where stats are detached scalars: ``clip_low_frac``, ``clip_high_frac``
-    (fraction of tokens where the clip removed the gradient), ``ratio_mean``, ``kl_mean``.
+    (fraction of tokens where the clip removed the gradient), ``ratio_mean``, ``kl_mean``, and with the dual clip
+    ``clip_dual_frac`` (fraction of tokens where its cap binds: A < 0 and ratio > c).
     """
     if loss_agg not in LOSS_AGGREGATIONS:
         raise ValueError(f"loss_agg must be one of {LOSS_AGGREGATIONS}, got {loss_agg!r}")
     if kl_coef != 0.0 and ref_logprobs is None:
         raise ValueError("kl_coef != 0 needs ref_logprobs (log-probabilities of the frozen reference model)")
+    if clip_ratio_c is not None and not clip_ratio_c > 1.0:
+        raise ValueError(f"clip_ratio_c must be > 1 (a cap on the ratio above the clip range), got {clip_ratio_c}")
     mask = mask.to(logprobs.dtype)
     adv = advantages.to(logprobs.dtype).unsqueeze(-1)  # [B, 1]
 
@@ -177,6 +200,9 @@ def grpo_loss(
     unclipped = ratio * adv
     clipped = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high) * adv
     per_token = -torch.minimum(unclipped, clipped)
+    if clip_ratio_c is not None:
+        capped = (adv < 0) & (per_token > -clip_ratio_c * adv)  # where the dual clip binds
+        per_token = torch.where(capped, -clip_ratio_c * adv, per_token)
     if token_weights is not None:
         per_token = per_token * token_weights.detach().to(per_token.dtype)
 
@@ -208,4 +234,6 @@ def grpo_loss(
             "ratio_mean": (ratio * mask).sum() / n,
             "kl_mean": (kl * mask).sum() / n,
         }
+        if clip_ratio_c is not None:
+            stats["clip_dual_frac"] = (capped * mask).sum() / n
     return loss, stats

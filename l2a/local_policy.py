@@ -3,8 +3,10 @@
 ``LocalPolicy`` has the methods train.py's loop calls, like ``l2a.tinker_backend.TinkerPolicy`` (its peer, with
 sampling and training on Tinker instead):
 
-    completions = policy.generate(chats, n, sampling)     # step 1: rollouts, from the current weights
-    metrics = policy.update(completions, advantages)      # steps 4-5: GRPO loss, backward, optimizer step, sync
+    completions = policy.generate(chats, n, sampling)     # step 1: rollouts, from the sampler's weights
+    old = policy.logprobs_before_update(completions)      # step 4: log pi_old, once per batch (None: ratio 1)
+    metrics = policy.update(part, advantages, old_part)   # GRPO loss, backward, one optimizer step
+    policy.sync_sampler()                                 # the rollout engine gets the trained weights
     policy.save(step, trainer_state)                      # a checkpoint; ``close()`` at the end
 
 Under ``accelerate launch`` every process holds one; with FSDP2 the model, the reference and the optimizer
@@ -19,6 +21,7 @@ import contextlib
 import math
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,8 +31,14 @@ from accelerate.utils import DistributedType
 
 from l2a.checkpoint import checkpoints_dir, load_trainer_state, write_checkpoint
 from l2a.cli import UserError
-from l2a.grpo import grpo_loss
-from l2a.logprobs import allow_checkpointing_with_prompt_cache, completion_logprobs, pack_completions, sampler_logprobs
+from l2a.grpo import grpo_loss, kl_penalty
+from l2a.logprobs import (
+    allow_checkpointing_with_prompt_cache,
+    completion_logprobs,
+    pack_completions,
+    padded,
+    sampler_logprobs,
+)
 from l2a.model import load_model, load_tokenizer
 from l2a.rollout import Completion, HFEngine, SamplingConfig
 from l2a.vllm_engine import full_state_dict_items
@@ -67,7 +76,7 @@ class LocalPolicy:
         self.reference = None
         if cfg.kl_coef:  # the frozen starting point: never the resumed weights
             self.reference = self.prepare_frozen(load_model(cfg.model, self.dtype).eval().requires_grad_(False))
-        self.replica = None  # a full copy of the weights for the HF engine (see make_engine)
+        self.replica = None  # a full copy of the weights for the HF engine: under FSDP2, in bf16, lagging (make_engine)
         self.engine = self.make_engine(path)
 
     def prepare_frozen(self, model):
@@ -82,12 +91,13 @@ class LocalPolicy:
     def make_engine(self, path: str):
         cfg, accelerator = self.cfg, self.accelerator
         if cfg.rollout_engine == "hf":
-            if not self.sharded and cfg.dtype != "bfloat16":
+            if not self.sharded and cfg.dtype != "bfloat16" and cfg.sync_interval == 1:
                 return HFEngine(accelerator.unwrap_model(self.model), self.tokenizer, cfg.generation_batch_size)
-            # Sample from a full replica of the weights instead, loaded after every step: under FSDP2 a sharded model
-            # gathers its weights in every forward pass, a collective, and processes stop generating at different
-            # lengths; in bfloat16, decoding reads every weight for each token, so a bf16 copy halves what it reads
-            # (autocast would convert the float32 weights at every step instead).
+            # Sample from a full replica of the weights instead, loaded at every sync_sampler: under FSDP2 a sharded
+            # model gathers its weights in every forward pass, a collective, and processes stop generating at
+            # different lengths; in bfloat16, decoding reads every weight for each token, so a bf16 copy halves what
+            # it reads (autocast would convert the float32 weights at every step instead); a lagging sampler keeps
+            # older weights than the trainer's.
             dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else self.dtype
             self.replica = load_model(path, dtype).to(accelerator.device).eval().requires_grad_(False)
             return HFEngine(self.replica, self.tokenizer, cfg.generation_batch_size)
@@ -114,33 +124,69 @@ class LocalPolicy:
 
     def generate(self, chats: list[list[dict]], n: int, sampling: SamplingConfig) -> list[Completion]:
         """Step 1. A colocated vLLM engine shares the GPU with training: it gets the memory the trainer's allocator
-        cached, wakes up for the rollouts and (vllm_sleep_mode) frees its weights and KV cache again after them."""
+        cached, wakes up for the rollouts and (vllm_sleep_mode) frees its weights and KV cache again after them.
+        A lagging HF sampler reports its own log-probabilities of what it sampled, as vLLM does (for the
+        importance weights and the sampler metrics)."""
         if self.cfg.rollout_engine != "vllm":
-            return self.engine.generate(chats, n, sampling)
+            completions = self.engine.generate(chats, n, sampling)
+            if self.cfg.sync_interval > 1 and sampling.temperature > 0:
+                rows = self.logprobs_of(self.replica, completions, sampling.temperature)
+                completions = [replace(c, logprobs=row.tolist()) for c, row in zip(completions, rows)]
+            return completions
         release_cached_memory(self.accelerator.device)
         self.engine.wake_up()
         completions = self.engine.generate(chats, n, sampling)
         self.engine.sleep()
         return completions
 
-    def update(self, completions: list[Completion], advantages: torch.Tensor) -> dict[str, float]:
-        """Steps 4 and 5: the GRPO loss over micro-batches, one optimizer step, then the weight sync."""
+    def logprobs_before_update(self, completions: list[Completion]) -> list[torch.Tensor] | None:
+        """log pi_old of every completion token (one tensor per completion), from the weights the batch's first
+        update starts from: one forward pass without gradients, before any of the batch's optimizer steps.
+
+        None when the batch gets a single optimizer step (``ppo_epochs`` and ``mini_batches`` 1): then pi_old is
+        the trained pass's own log-probabilities, detached (ratio 1, see l2a/grpo.py), and this pass is not needed.
+        Collective under FSDP2: every process calls it."""
+        if self.cfg.ppo_epochs * self.cfg.mini_batches == 1:
+            return None
+        return self.logprobs_of(self.model, completions, self.cfg.temperature)
+
+    @torch.no_grad()
+    def logprobs_of(self, model, completions: list[Completion], temperature: float) -> list[torch.Tensor]:
+        """``model``'s log-probabilities of each completion's tokens, micro-batched like the update."""
+        rows = []
+        for part in self.micro_batches(completions):
+            batch = pack_completions(completions[part], self.tokenizer.pad_token_id, self.accelerator.device,
+                                     min_width=2 if self.sharded else 1)  # see micro_batch_loss
+            logprobs, _ = completion_logprobs(model, batch, temperature, self.cfg.logprob_chunk_tokens)
+            rows += [row[: len(c.token_ids)] for row, c in zip(logprobs, completions[part])]
+        return rows
+
+    def micro_batches(self, completions: list) -> list[slice]:
+        """Micro-batches of whole groups (so each prompt's forward pass is shared by its group, logprobs.py)."""
+        cfg = self.cfg
+        per_micro = max(cfg.group_size, cfg.micro_batch_size // cfg.group_size * cfg.group_size)
+        return [slice(start, start + per_micro) for start in range(0, len(completions), per_micro)]
+
+    def update(self, completions: list[Completion], advantages: torch.Tensor,
+               old_logprobs: list[torch.Tensor] | None = None) -> dict[str, float]:
+        """One optimizer step on these completions (a batch, or one mini-batch of it): the GRPO loss over
+        micro-batches, backward, gradient clip, AdamW. ``old_logprobs``: from ``logprobs_before_update``."""
         cfg, accelerator, model = self.cfg, self.accelerator, self.model
-        # The loss divides by the counts of the whole batch (all processes, all micro-batches), so the
-        # pieces add up to the loss of the whole batch however it is split.
-        (num_tokens,) = across_processes(accelerator, [sum(len(c.token_ids) for c in completions)])
+        # The loss divides by the counts of everything this step trains on (all processes, all micro-batches),
+        # so the pieces add up to the loss of the whole (mini-)batch however it is split.
+        num_tokens, num_seqs = across_processes(accelerator, [sum(len(c.token_ids) for c in completions),
+                                                              len(completions)])
         sums: dict[str, float] = {}  # statistics summed over this process's tokens (the loss: its pieces)
         largest_gap = 0.0
-        # Micro-batches hold whole groups, so each prompt's forward pass is shared by its group (logprobs.py).
-        per_micro = max(cfg.group_size, cfg.micro_batch_size // cfg.group_size * cfg.group_size)
-        starts = range(0, len(completions), per_micro)
-        for i, start in enumerate(starts):
-            part = completions[start : start + per_micro]
+        parts = self.micro_batches(completions)
+        for i, part in enumerate(parts):
             # DDP: only the last micro-batch all-reduces the gradients. FSDP2 reduce-scatters after every one: skipping
             # that would keep an unsharded copy of every gradient until the last (~14 GiB per GPU for 7B in bf16).
-            accumulate = i < len(starts) - 1 and not self.sharded
+            accumulate = i < len(parts) - 1 and not self.sharded
             with accelerator.no_sync(model) if accumulate else contextlib.nullcontext():
-                loss, part_sums, gap = self.micro_batch_loss(part, advantages[start : start + len(part)], num_tokens)
+                loss, part_sums, gap = self.micro_batch_loss(completions[part], advantages[part],
+                                                             old_logprobs[part] if old_logprobs else None,
+                                                             num_tokens, num_seqs)
                 # DDP/FSDP average gradients over processes; the loss already divides by global counts.
                 accelerator.backward(loss * accelerator.num_processes)
             for key, value in part_sums.items():
@@ -153,14 +199,14 @@ class LocalPolicy:
         if applied:  # a non-finite loss or gradient would poison the weights and Adam's moments
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        sync_seconds = self.sync_rollout_weights() if applied else 0.0
-        metrics = {"loss": totals.pop("loss"), "grad_norm": grad_norm, "applied": applied, "time/sync": sync_seconds}
+        metrics = {"loss": totals.pop("loss"), "grad_norm": grad_norm, "applied": applied}
         metrics.update({key: total / max(num_tokens, 1) for key, total in totals.items()})
         if "sampler_logprob_diff" in metrics:
             metrics["sampler_logprob_diff_max"] = across_processes(accelerator, [largest_gap], op="max")[0]
         return metrics
 
-    def micro_batch_loss(self, part: list[Completion], advantages: torch.Tensor, num_tokens: float):
+    def micro_batch_loss(self, part: list[Completion], advantages: torch.Tensor,
+                         old_logprobs: list[torch.Tensor] | None, num_tokens: float, num_seqs: float):
         """Loss of a few groups (the gradient flows through it) and their statistics summed over tokens."""
         cfg = self.cfg
         # Under FSDP every forward pass is a collective; with completions of one token the second pass would be
@@ -169,25 +215,30 @@ class LocalPolicy:
                                  min_width=2 if self.sharded else 1)
         mask = batch.completion_mask
         logprobs, entropy = completion_logprobs(self.model, batch, cfg.temperature, cfg.logprob_chunk_tokens)
+        # pi_old: the weights the batch's updates started from; with one update per batch, these very weights
+        old = logprobs.detach() if old_logprobs is None else padded(old_logprobs, mask.shape[1])
         ref_logprobs = None
         if self.reference is not None:
             with torch.no_grad():
                 ref_logprobs, _ = completion_logprobs(self.reference, batch, cfg.temperature, cfg.logprob_chunk_tokens)
         # Summed over tokens; the same keys, in the same order, on every process (they are summed across).
         sums, largest_gap, token_weights = {"entropy": (entropy * mask).sum().item()}, 0.0, None
-        sampled = sampler_logprobs(part, mask.shape[1], mask.device)  # None with the HF engine
+        sampled = sampler_logprobs(part, mask.shape[1], mask.device)  # None with an HF engine that does not lag
         if sampled is not None:
-            # How far the engine's numbers are from the trainer's, for the same weights and tokens.
-            log_ratio = logprobs.detach() - sampled
+            # How far the sampler's numbers are from pi_old's for the same tokens: numerical noise of the engine,
+            # plus, with a lagging sampler, the optimizer steps its weights are behind.
+            log_ratio = old - sampled
             gap = log_ratio.abs() * mask
             sums["sampler_logprob_diff"], largest_gap = gap.sum().item(), gap.max().item()
+            # KL(sampler || pi_old), estimated on the sampler's own tokens (k3, l2a/grpo.py)
+            sums["kl_to_sampler"] = (kl_penalty(sampled, old, "k3") * mask).sum().item()
             if cfg.vllm_is_correction:
-                # Truncated importance sampling: the tokens were drawn from the engine's distribution.
+                # Truncated importance sampling: the tokens were drawn from the sampler's distribution.
                 token_weights = torch.exp(log_ratio).clamp(max=cfg.vllm_is_cap)
                 sums["is_weight_mean"] = (token_weights * mask).sum().item()
         loss, stats = grpo_loss(
             logprobs,
-            logprobs.detach(),  # one pass per batch: pi_old = pi, ratio 1 (see grpo.py)
+            old,
             advantages,
             mask,
             ref_logprobs,
@@ -198,21 +249,23 @@ class LocalPolicy:
             loss_agg=cfg.loss_agg,
             num_tokens=num_tokens,
             max_len=cfg.max_new_tokens,
-            num_seqs=cfg.prompts_per_step * cfg.group_size,
+            num_seqs=num_seqs,
             token_weights=token_weights,
+            clip_ratio_c=cfg.clip_ratio_c,
         )
         sums["loss"] = loss.item()
         n = mask.sum().item()
-        for key in ("clip_low_frac", "clip_high_frac", "ratio_mean", "kl_mean"):
-            sums[key] = stats[key].item() * n
+        for key in ("clip_low_frac", "clip_high_frac", "clip_dual_frac", "ratio_mean", "kl_mean"):
+            if key in stats:
+                sums[key] = stats[key].item() * n
         return loss, sums, largest_gap
 
-    def sync_rollout_weights(self) -> float:
+    def sync_sampler(self) -> float:
         """Make the rollout engine sample with the weights just trained; returns the seconds taken.
 
         Collective under FSDP2: ``full_state_dict_items`` gathers every weight, so each process walks all
-        weights in the same order, each into its own engine. The HF engine on an unsharded model samples
-        from the trained module itself, so it needs nothing.
+        weights in the same order, each into its own engine. The HF engine on an unsharded model that does not
+        lag samples from the trained module itself, so it needs nothing.
         """
         if self.cfg.rollout_engine == "vllm":
             release_cached_memory(self.accelerator.device)  # room for the gathered weights and the engine's copy

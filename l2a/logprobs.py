@@ -207,3 +207,12 @@ def sampler_logprobs(completions: list[Completion], width: int, device: torch.de
     if any(c.logprobs is None for c in completions):
         return None
     return torch.tensor([c.logprobs + [0.0] * (width - len(c.logprobs)) for c in completions], device=device)
+
+
+def padded(rows: Sequence[torch.Tensor], width: int) -> torch.Tensor:
+    """1-D tensors (per-token values of completions) as the rows of one [len(rows), width] tensor, 0 after each
+    row's end, like the padding of ``pack_completions``."""
+    out = rows[0].new_zeros(len(rows), width)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = row
+    return out

@@ -10,7 +10,9 @@ and there is only one: each process would start a training run of its own, so se
   whole "weight sync"), then every prompt's ``sample(prompt, n, params)`` is submitted before any result is
   awaited. Each sequence comes back with the sampler's log-probabilities of its tokens.
 - ``update``: one ``Datum`` per completion (``completion_datum``), ``forward_backward`` with Tinker's built-in
-  ``importance_sampling`` or ``ppo`` loss, and ``optim_step``, submitted back to back.
+  ``importance_sampling`` or ``ppo`` loss, and ``optim_step``, submitted back to back: one optimizer step, on a
+  batch or (``ppo_epochs``, ``mini_batches``) on one mini-batch of it. ``sync_sampler`` drops the sampler, so the
+  next ``generate`` snapshots the weights afresh; the loop calls it every ``sync_interval`` optimizer steps.
 - ``save``: ``save_state`` (weights + Adam moments, what ``--resume`` loads) and ``save_weights_for_sampler``
   (what evaluation samples from), by name; their ``tinker://`` paths go into ``trainer_state.pt`` of the same
   local checkpoint layout as the local backend. Tinker keeps (and bills) these remote copies until they are
@@ -37,8 +39,16 @@ and gradient (``tinker_advantage_scale``, checked numerically in ``tests/test_ti
 constant factor on the loss, but the gradient clip, the weight decay and the relative weight of tokens and
 sequences all do, so without this a "sum" run is a different experiment. The PPO clip range goes to Tinker in
 ratio space: ``clip_low_threshold = 1 - clip_low``, ``clip_high_threshold = 1 + clip_high``.
-``importance_sampling`` has no clip; its ratio only corrects the small numerical gap between Tinker's sampler
-and trainer (one pass per batch, so the policies are otherwise the same, as in the local backend).
+``importance_sampling`` has no clip; with one optimizer step per batch its ratio only corrects the small
+numerical gap between Tinker's sampler and trainer (the policies are otherwise the same, as in the local backend).
+
+Several optimizer steps per batch, a lagging sampler: each datum carries the *sampler's* log-probabilities, and
+both Tinker losses take them as the old policy, so the ratio is pi_trainer / pi_sampler. It leaves 1 after the
+batch's first optimizer step, and with ``sync_interval > 1`` already at the first (the sampler is older than the
+trainer); the PPO clip then binds against the sampler's policy, as in Trinity-RFT, where the rollout engine's
+log-probabilities are the old ones. (The local backend instead takes pi_old from the trainer's weights at the
+batch's start and corrects for the sampler with importance weights, ``vllm_is_correction``.) Tinker's ``ppo``
+loss has no dual clip: ``clip_ratio_c`` is refused.
 
 Choices
 -------
@@ -393,9 +403,15 @@ class TinkerPolicy:
             self.engine = TinkerEngine(sampler, self.tokenizer)
         return self.engine.generate(chats, n, sampling)
 
+    def logprobs_before_update(self, completions: list[Completion]) -> None:
+        """None: the datums carry the sampler's log-probabilities, which Tinker's losses take as pi_old."""
+        return None
+
     @_stops_cleanly
-    def update(self, completions: list[Completion], advantages: torch.Tensor) -> dict[str, float]:
-        """One ``forward_backward`` over the whole batch and one ``optim_step``: the local backend's step 4 + 5."""
+    def update(self, completions: list[Completion], advantages: torch.Tensor, old_logprobs: None = None
+               ) -> dict[str, float]:
+        """One ``forward_backward`` over these completions (the batch, or a mini-batch of it: the advantage scales
+        count its tokens and sequences) and one ``optim_step``: the local backend's ``update``."""
         cfg = self.cfg
         scales = tinker_advantage_scale([len(c.token_ids) for c in completions], cfg.loss_agg, cfg.max_new_tokens)
         scaled = [a * s for a, s in zip(advantages.tolist(), scales)]
@@ -411,7 +427,6 @@ class TinkerPolicy:
             step = self.training_client.optim_step(adam)
         output = _wait(backward, "forward_backward")
         optim = _wait(step, "optim_step")
-        self.engine = None  # the weights changed: the next generate samples from a fresh snapshot
         loss = output.metrics.get("loss:sum", math.nan)
         if "loss:sum" in output.metrics and not math.isfinite(loss):
             # The optimizer step is already taken and Tinker keeps no way to undo it: stop at the last checkpoint.
@@ -420,6 +435,11 @@ class TinkerPolicy:
         grad_norm = next((v for k, v in (optim.metrics or {}).items() if "grad_norm" in k), math.nan)
         stats = token_stats(kept, output.loss_fn_outputs, cfg)
         return {"loss": loss, "grad_norm": grad_norm, "applied": True, **stats}
+
+    def sync_sampler(self) -> float:
+        """The next ``generate`` samples from a fresh snapshot of the current weights (taken there, lazily)."""
+        self.engine = None
+        return 0.0
 
     @_stops_cleanly
     def save(self, step: int, trainer_state: dict) -> Path:

@@ -26,6 +26,7 @@ def test_8gpu_preset_has_the_reference_runs_settings():
     assert (cfg.epochs, cfg.learning_rate, cfg.weight_decay, cfg.max_grad_norm) == (4, 5e-7, 0.01, 1.0)
     assert (cfg.adv_scale, cfg.clip_low, cfg.clip_high, cfg.loss_agg) == ("group", 0.2, 0.2, "token-mean")
     assert (cfg.kl_coef, cfg.kl_estimator) == (0.001, "k2")
+    assert (cfg.ppo_epochs, cfg.mini_batches, cfg.sync_interval, cfg.clip_ratio_c) == (1, 1, 10, 3.0)
     assert (cfg.judge, cfg.judge_model, cfg.train_mode, cfg.fusion_mode) == ("openai", "Qwen/Qwen2.5-32B-Instruct",
                                                                             "Ra+Rs", "default")
     assert train.steps_for_epochs(cfg.epochs, 6909, cfg.prompts_per_step) == 432  # ~RealMedConv's train samples

@@ -172,6 +172,20 @@ def test_two_processes_update_like_one_and_resume_exactly(mode, reference_run):
         assert torch.equal(weights(out / "cut", 2)[name], tensor), name
 
 
+def test_two_processes_with_ppo_epochs_and_mini_batches_update_like_one(reference_run):
+    """Two passes over two mini-batches (4 optimizer steps a batch; pi_old from one extra forward pass): each
+    process trains on its slice of each mini-batch, with the counts of the whole mini-batch, so two processes
+    (DDP) give the update of one."""
+    args, _, folder = reference_run
+    # 8 prompts: each process's mini-batch is 2 groups, 2 micro-batches (DDP accumulates without syncing)
+    several = [*args, "--prompts_per_step", "8", "--micro_batch_size", "3", "--ppo_epochs", "2", "--mini_batches", "2"]
+    run_single([*several, "--output_dir", str(folder / "one-process-mini-batches"), "--steps", "2"])
+    launch("ddp", folder / "ddp-mini-batches", several, resume=False)
+    assert_same_run(folder / "ddp-mini-batches" / "full", folder / "one-process-mini-batches")
+    rows = metrics(folder / "ddp-mini-batches" / "full")
+    assert [r["optimizer_steps"] for r in rows] == [4, 8] and all(abs(r["ratio_mean"] - 1) > 1e-6 for r in rows)
+
+
 @needs_vllm
 @pytest.mark.slow
 def test_two_processes_with_vllm_engines_update_like_one(reference_run):
@@ -223,9 +237,9 @@ def worker(mode: str, out: Path, resume: bool, args: list[str]) -> None:
         return wrapper
 
 
-    real_update = LocalPolicy.update
+    real_update, real_sync = LocalPolicy.update, LocalPolicy.sync_sampler
 
-    def update(self, completions, advantages):
+    def update(self, *args):
         import datetime
 
         backend = torch.distributed.distributed_c10d._get_default_group()._get_backend(torch.device("cpu"))
@@ -238,17 +252,21 @@ def worker(mode: str, out: Path, resume: bool, args: list[str]) -> None:
             assert all(isinstance(t, DTensor) for t in self.model.state_dict().values())
             # sharded like the policy, not a full copy (state_dict(): parameters can be unsharded between passes)
             assert all(isinstance(t, DTensor) for t in self.reference.state_dict().values())
-        metrics = real_update(self, completions, advantages)
+        return real_update(self, *args)
+
+    def sync_sampler(self):
+        seconds = real_sync(self)
         if self.cfg.rollout_engine == "hf":
             # The engine samples the next step with exactly the trained weights (gathering is a collective).
             engine_state = self.engine.model.state_dict()
             for name, tensor in full_state_dict_items(self.model):
                 assert torch.equal(engine_state[name], tensor), name
-        return metrics
+        return seconds
 
     train.Accelerator = make_accelerator
     LocalPolicy.generate = seeded_by_prompt
     LocalPolicy.update = update
+    LocalPolicy.sync_sampler = sync_sampler
     train.main([*args, "--output_dir", str(out / "full"), "--steps", "2", "--save_every", "1"])
     if resume:
         train.main([*args, "--output_dir", str(out / "cut"), "--steps", "1"])

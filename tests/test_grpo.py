@@ -157,18 +157,21 @@ def test_on_policy_loss_is_minus_mean_advantage_and_gradient_is_not_zero():
     assert torch.allclose(logp.grad, torch.tensor([[-1 / 3, -1 / 3], [1 / 3, 0.0]]))
 
 
+@pytest.mark.parametrize("clip_ratio_c", [None, 1.5])
 @pytest.mark.parametrize("loss_agg", LOSS_AGGREGATIONS)
 @pytest.mark.parametrize("kl_estimator", KL_ESTIMATORS)
-def test_gradcheck_every_option(loss_agg, kl_estimator):
+def test_gradcheck_every_option(loss_agg, kl_estimator, clip_ratio_c):
     torch.manual_seed(1)
     old = -torch.rand(3, 4, dtype=torch.double) - 0.5
-    # keep the ratios strictly inside or outside the clip range: gradcheck needs smooth points
+    # keep the ratios strictly inside or outside the clip range and away from the dual clip's cap (ratio 1.65 of
+    # the A < 0 row is capped at 1.5): gradcheck needs smooth points
     offsets = torch.tensor([[0.05, -0.1, 0.5, -0.6]] * 3, dtype=torch.double)
     logp = (old + offsets).requires_grad_(True)
     ref = old - 0.3
     adv = torch.tensor([0.7, -1.2, 0.4], dtype=torch.double)
-    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]], dtype=torch.double)
-    f = lambda lp: grpo_loss(lp, old, adv, mask, ref, kl_coef=0.05, kl_estimator=kl_estimator, loss_agg=loss_agg, max_len=6)[0]  # noqa: E731
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0], [1, 0, 0, 0]], dtype=torch.double)
+    f = lambda lp: grpo_loss(lp, old, adv, mask, ref, kl_coef=0.05, kl_estimator=kl_estimator, loss_agg=loss_agg,  # noqa: E731
+                             max_len=6, clip_ratio_c=clip_ratio_c)[0]
     assert torch.autograd.gradcheck(f, (logp,))
 
 
@@ -207,3 +210,52 @@ def test_token_weights_scale_the_policy_gradient_term_only():
     assert weights.grad is None  # the weights are constants of the loss
     ones, _ = grpo_loss(LOGP, OLD, ADV, MASK, token_weights=torch.ones(2, 2))
     assert ones.item() == pytest.approx(grpo_loss(LOGP, OLD, ADV, MASK)[0].item())
+
+
+# --- the dual clip --------------------------------------------------------------------------------
+
+# Row 0: A = -1, ratios 5, 2, 0.5. Row 1: A = +2, ratios 5, 1 and padding. float64: the sums nearly cancel.
+DUAL_LOGP = torch.log(torch.tensor([[5.0, 2.0, 0.5], [5.0, 1.0, 7.0]], dtype=torch.float64))
+DUAL_ADV = torch.tensor([-1.0, 2.0], dtype=torch.float64)
+DUAL_MASK = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]], dtype=torch.float64)
+DUAL_OLD = torch.zeros(2, 3, dtype=torch.float64)
+# per token, clip 0.2, c = 3:
+#   A=-1, ratio 5:   -min(-5, -1.2) = 5,  capped: min(5, 3) = 3 (no gradient)
+#   A=-1, ratio 2:   2 (below the cap; the gradient of -ratio * A is 2)
+#   A=-1, ratio 0.5: 0.8 (the ordinary clip at 1 - 0.2, no gradient)
+#   A=+2, ratio 5:   -min(10, 2.4) = -2.4 (the ordinary clip at 1 + 0.2; A > 0: the dual clip changes nothing)
+#   A=+2, ratio 1:   -2 (gradient -2)
+
+
+def test_dual_clip_caps_negative_advantage_tokens_by_hand():
+    logp = DUAL_LOGP.clone().requires_grad_(True)
+    loss, stats = grpo_loss(logp, DUAL_OLD, DUAL_ADV, DUAL_MASK, clip_ratio_c=3.0)
+    assert loss.item() == pytest.approx((3.0 + 2.0 + 0.8 - 2.4 - 2.0) / 5)
+    loss.backward()
+    assert torch.allclose(logp.grad, torch.tensor([[0.0, 2.0 / 5, 0.0], [0.0, -2.0 / 5, 0.0]], dtype=torch.float64))
+    assert stats["clip_dual_frac"].item() == pytest.approx(1 / 5)
+    assert stats["clip_low_frac"].item() == pytest.approx(1 / 5) and stats["clip_high_frac"].item() == pytest.approx(1 / 5)
+    padding = DUAL_MASK.clone()
+    padding[0, 0] = 0.0  # the capped token as padding: it counts in neither the loss nor the fraction
+    loss, stats = grpo_loss(DUAL_LOGP, DUAL_OLD, DUAL_ADV, padding, clip_ratio_c=3.0)
+    assert loss.item() == pytest.approx((2.0 + 0.8 - 2.4 - 2.0) / 4) and stats["clip_dual_frac"].item() == 0.0
+
+    uncapped, stats = grpo_loss(DUAL_LOGP, DUAL_OLD, DUAL_ADV, DUAL_MASK)  # off by default: ratio 5 counts 5
+    assert uncapped.item() == pytest.approx((5.0 + 2.0 + 0.8 - 2.4 - 2.0) / 5)
+    assert "clip_dual_frac" not in stats
+    # a cap above every ratio binds nowhere: the plain loss
+    assert grpo_loss(DUAL_LOGP, DUAL_OLD, DUAL_ADV, DUAL_MASK, clip_ratio_c=6.0)[0].item() == uncapped.item()
+
+
+def test_token_weights_multiply_after_the_dual_clip():
+    """verl's order: cap the loss, then weight it. Capping the weighted loss instead would give the ratio-5 token
+    min(0.5 * 5, 3) = 2.5, not 0.5 * 3 = 1.5."""
+    weights = torch.tensor([[0.5, 1.0, 1.0], [1.0, 1.0, 1.0]], dtype=torch.float64)
+    loss, _ = grpo_loss(DUAL_LOGP, DUAL_OLD, DUAL_ADV, DUAL_MASK, clip_ratio_c=3.0, token_weights=weights)
+    assert loss.item() == pytest.approx((0.5 * 3.0 + 2.0 + 0.8 - 2.4 - 2.0) / 5)
+
+
+@pytest.mark.parametrize("c", [1.0, 0.5, -3.0])
+def test_dual_clip_must_be_above_one(c):
+    with pytest.raises(ValueError, match="clip_ratio_c must be > 1"):
+        grpo_loss(DUAL_LOGP, DUAL_OLD, DUAL_ADV, DUAL_MASK, clip_ratio_c=c)

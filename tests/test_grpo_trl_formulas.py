@@ -1,4 +1,5 @@
-"""l2a's GRPO loss and advantages against Hugging Face TRL's GRPOTrainer formulas (TRL 1.16.0), without TRL.
+"""l2a's GRPO loss and advantages against Hugging Face TRL's GRPOTrainer formulas (TRL 1.16.0), and its dual clip
+against verl's, without TRL or verl.
 
 Pins ``l2a.grpo.grpo_loss`` to TRL 1.16.0's ``GRPOTrainer._compute_loss`` (trl/trainer/grpo_trainer.py),
 with token-level importance sampling (TRL's default), and ``l2a.grpo.group_advantages`` to TRL's advantage
@@ -35,6 +36,19 @@ Mapping to l2a:
                               on-policy, a different gradient; l2a follows the GRPO paper)
     epsilon, epsilon_high <-> clip_low, clip_high
     scale_rewards         <-> group_advantages(rewards, G, scale, eps=1e-4)   (l2a's default eps is 1e-6)
+    num_iterations > 1    <-> ppo_epochs > 1: from the second pass on, TRL's old_per_token_logps (computed when
+                              the batch was generated) differ from logp; the "off-policy" batches below are that
+    steps_per_generation  <-> mini_batches: one optimizer step per slice of the generation batch (see
+                              test_mini_batches_are_trl_steps_per_generation for the one difference)
+    delta                 <-> clip_ratio_c, when delta > 1 + epsilon_high (test_trl_delta_is_the_dual_clip...)
+
+verl's dual clip (``compute_policy_loss_vanilla`` in verl/trainer/ppo/core_algos.py; Trinity-RFT's ppo loss is the
+same, ``clip_ratio_c`` 3.0 by default), per token:
+
+    pg1 = -A * ratio;  pg2 = -A * clamp(ratio, 1 - epsilon_low, 1 + epsilon_high);  c1 = max(pg1, pg2)
+    l   = min(-A * clip_ratio_c, c1)  if A < 0  else  c1
+
+aggregated like every other per-token loss (verl's token-mean is TRL's dapo).
 """
 
 import math
@@ -57,6 +71,8 @@ ALL_ROWS = list(range(NUM_SEQS))
 HALVES = (ALL_ROWS[:4], ALL_ROWS[4:])  # two micro-batches of 4 sequences
 
 MODES = {"dapo": "token-mean", "grpo": "seq-mean-token-mean", "dr_grpo": "seq-mean-token-sum-norm"}
+DUAL_CLIP = 1.3  # verl's and Trinity's default is 3; 1.3 (> 1 + EPSILON_HIGH) binds on the test data's ratios
+LOW_DELTA = 1.1  # a TRL delta below 1 + EPSILON_HIGH, where it is no longer the dual clip
 BETAS = (0.0, 0.04)
 POLICIES = ("on-policy", "off-policy")
 
@@ -99,24 +115,43 @@ def make_batch(policy: str, seed: int = SEED) -> Batch:
 # --- TRL 1.16.0, re-written as loops over floats ---------------------------------------------------
 
 
-def trl_token(logp: float, old: float, ref: float, adv: float, beta: float) -> tuple[float, float]:
+def trl_token(logp: float, old: float, ref: float, adv: float, beta: float,
+              delta: float | None = None) -> tuple[float, float]:
     """One token of TRL's ``per_token_loss`` and, by hand, its derivative with respect to ``logp``.
 
-    ``-min(coef_1 * A, coef_2 * A)`` is the constant ``-coef_2 * A`` where the clip binds on the side the
-    advantage pushes towards (TRL's ``is_low_clipped`` / ``is_high_clipped``): derivative 0. Everywhere else
-    it is ``-coef_1 * A``, whose derivative is ``-coef_1 * A`` again since d coef_1 / d logp = coef_1.
-    The k3 KL term ``exp(ref - logp) - (ref - logp) - 1`` has derivative ``1 - exp(ref - logp)``.
+    ``-min(coef_1 * A, coef_2 * A)``: the derivative is that of the smaller term. ``coef_1 * A`` has derivative
+    ``coef_1 * A`` (d coef_1 / d logp = coef_1), or 0 where ``delta`` (TRL's two-sided clip) has capped coef_1
+    at the constant delta; ``coef_2 * A`` has derivative ``coef_1 * A`` inside the clip range and 0 outside.
+    So where the clip binds on the side the advantage pushes towards (TRL's ``is_low_clipped`` /
+    ``is_high_clipped``) the derivative is 0, elsewhere ``-coef_1 * A``. The k3 KL term
+    ``exp(ref - logp) - (ref - logp) - 1`` has derivative ``1 - exp(ref - logp)``.
     """
     coef_1 = math.exp(logp - old)
     coef_2 = min(max(coef_1, 1.0 - EPSILON_LOW), 1.0 + EPSILON_HIGH)
-    loss = -min(coef_1 * adv, coef_2 * adv)
-    clipped = (coef_1 < 1.0 - EPSILON_LOW and adv < 0) or (coef_1 > 1.0 + EPSILON_HIGH and adv > 0)
-    grad = 0.0 if clipped else -coef_1 * adv
+    capped = delta is not None and coef_1 > delta
+    term_1, slope_1 = (delta * adv, 0.0) if capped else (coef_1 * adv, coef_1 * adv)
+    term_2, slope_2 = coef_2 * adv, (coef_1 * adv if coef_2 == coef_1 else 0.0)
+    loss = -min(term_1, term_2)
+    grad = -(slope_1 if term_1 <= term_2 else slope_2)
     if beta != 0.0:
         d = ref - logp
         loss += beta * (math.exp(d) - d - 1.0)
         grad += beta * (1.0 - math.exp(d))
     return loss, grad
+
+
+def verl_dual_clip_token(logp: float, old: float, adv: float, clip_ratio_c: float) -> tuple[float, float]:
+    """One token of verl's ``compute_policy_loss_vanilla`` (the module docstring) and, by hand, its derivative:
+    ``c1 = max(pg1, pg2)`` has the derivative of the larger term (``-A * ratio`` for pg1; for pg2 the same inside
+    the clip range, 0 outside); where A < 0 and the cap ``-A * c`` is smaller, the constant cap (derivative 0)."""
+    ratio = math.exp(logp - old)
+    clipped_ratio = min(max(ratio, 1.0 - EPSILON_LOW), 1.0 + EPSILON_HIGH)
+    pg1, pg2 = -adv * ratio, -adv * clipped_ratio
+    c1 = max(pg1, pg2)
+    slope = -adv * ratio if (pg1 >= pg2 or clipped_ratio == ratio) else 0.0
+    if adv < 0 and -adv * clip_ratio_c < c1:
+        return -adv * clip_ratio_c, 0.0
+    return c1, slope
 
 
 def trl_loss_and_grad(
@@ -128,11 +163,15 @@ def trl_loss_and_grad(
     gas: int = 1,
     steps_per_generation: int = 1,
     num_processes: int = 1,
+    delta: float | None = None,
+    token=None,
 ) -> tuple[float, list[list[float]]]:
     """TRL's loss for the micro-batch ``rows`` and its gradient d loss / d logp ([len(rows)][T] floats).
 
     The loss is aggregated as TRL writes it; the gradient is each token's derivative times the weight the
-    aggregation gives that token (masked tokens: 0)."""
+    aggregation gives that token (masked tokens: 0). ``token(logp, old, ref, adv) -> (loss, derivative)``
+    replaces TRL's per-token loss (``trl_token``), e.g. by verl's."""
+    token = token or (lambda lp, o, r, a: trl_token(lp, o, r, a, beta, delta))
     logp, old, ref = batch.logp.tolist(), batch.old.tolist(), batch.ref.tolist()
     adv, mask = batch.adv.tolist(), batch.mask.tolist()
     sums, counts, token_grads = [], [], []
@@ -140,7 +179,7 @@ def trl_loss_and_grad(
         total, count, row_grads = 0.0, 0, []
         for t in range(WIDTH):
             if mask[i][t]:
-                loss_t, grad_t = trl_token(logp[i][t], old[i][t], ref[i][t], adv[i], beta)
+                loss_t, grad_t = token(logp[i][t], old[i][t], ref[i][t], adv[i])
                 total, count = total + loss_t, count + 1
                 row_grads.append(grad_t)
             else:
@@ -189,7 +228,8 @@ def trl_advantages(rewards: list[float], group_size: int, scale: str) -> list[fl
 
 
 def l2a_loss_and_grad(
-    batch: Batch, rows: list[int], loss_type: str, beta: float, num_seqs: int = NUM_SEQS
+    batch: Batch, rows: list[int], loss_type: str, beta: float, num_seqs: int = NUM_SEQS,
+    num_tokens: int = NUM_ITEMS, clip_ratio_c: float | None = None,
 ) -> tuple[float, torch.Tensor]:
     """l2a's grpo_loss on ``rows`` under the mapping, given the whole batch's counts; (loss, d loss / d logp)."""
     logp = batch.logp[rows].clone().requires_grad_(True)
@@ -205,9 +245,10 @@ def l2a_loss_and_grad(
         kl_coef=beta,
         kl_estimator="k3",
         loss_agg=MODES[loss_type],
-        num_tokens=NUM_ITEMS,
+        num_tokens=num_tokens,
         max_len=MAX_COMPLETION_LENGTH,
         num_seqs=num_seqs,
+        clip_ratio_c=clip_ratio_c,
     )
     loss.backward()
     return loss.item(), logp.grad
@@ -233,21 +274,30 @@ def test_loss_and_gradient_match_trl(loss_type, beta, policy):
     assert_grads_equal(got_grad, expected_grad)
 
 
+REFERENCES = {  # the hand-written losses whose hand-derived gradients are checked by central differences
+    "TRL": {},
+    "TRL delta": {"delta": DUAL_CLIP},
+    "TRL low delta": {"delta": LOW_DELTA},
+    "verl dual clip": {"token": lambda lp, o, r, a: verl_dual_clip_token(lp, o, a, DUAL_CLIP)},
+}
+
+
+@pytest.mark.parametrize("reference", REFERENCES)
 @pytest.mark.parametrize("policy", POLICIES)
 @pytest.mark.parametrize("loss_type", MODES)
-def test_reference_gradient_is_the_derivative_of_the_reference_loss(loss_type, policy):
+def test_reference_gradient_is_the_derivative_of_the_reference_loss(loss_type, policy, reference):
     """Central differences on the reference loss confirm the hand-derived reference gradient (old and ref
     fixed, as ``logp.detach()`` makes them), so the gradient comparison above rests on no l2a code."""
-    batch, beta, h = make_batch(policy), 0.04, 1e-6
-    _, analytic = trl_loss_and_grad(batch, ALL_ROWS, loss_type, beta)
+    batch, beta, h, options = make_batch(policy), 0.04, 1e-6, REFERENCES[reference]
+    _, analytic = trl_loss_and_grad(batch, ALL_ROWS, loss_type, beta, **options)
     for i in ALL_ROWS:
         for t in range(WIDTH):
             plus, minus = make_batch(policy), make_batch(policy)
             plus.logp[i, t] += h
             minus.logp[i, t] -= h
             numeric = (
-                trl_loss_and_grad(plus, ALL_ROWS, loss_type, beta)[0]
-                - trl_loss_and_grad(minus, ALL_ROWS, loss_type, beta)[0]
+                trl_loss_and_grad(plus, ALL_ROWS, loss_type, beta, **options)[0]
+                - trl_loss_and_grad(minus, ALL_ROWS, loss_type, beta, **options)[0]
             ) / (2 * h)
             assert numeric == pytest.approx(analytic[i][t], abs=1e-8), (i, t)
 
@@ -286,6 +336,10 @@ def test_data_tells_the_modes_apart():
     outside = ((ratio > 1 + EPSILON_HIGH) | (ratio < 1 - EPSILON_LOW)) & real
     assert binds_high.sum() >= 2 and binds_low.sum() >= 2
     assert (outside & ~binds_high & ~binds_low).sum() >= 2
+    # The dual clip binds (A < 0, ratio > c) on some tokens; a delta below 1 + epsilon_high also caps some A > 0
+    # tokens inside the clip range, where the dual clip does nothing.
+    assert ((ratio > DUAL_CLIP) & (adv < 0) & real).sum() >= 2
+    assert ((ratio > LOW_DELTA) & (ratio < 1 + EPSILON_HIGH) & (adv > 0) & real).sum() >= 2
 
 
 @pytest.mark.parametrize("policy", POLICIES)
@@ -351,3 +405,59 @@ def test_default_eps_is_within_1e_4_relative_of_trl(group_std):
     assert relative.max().item() < 1e-4
     predicted = (group_std + 1e-4) / (group_std + 1e-6) - 1.0
     assert torch.allclose(relative, torch.full_like(relative, predicted), rtol=1e-6)
+
+
+# --- the dual clip: verl's, and TRL's delta -------------------------------------------------------
+
+
+@pytest.mark.parametrize("loss_type", MODES)
+def test_dual_clip_matches_verl(loss_type):
+    """l2a's clip_ratio_c is verl's per-token dual clip (the module docstring), token for token."""
+    batch = make_batch("off-policy")
+    verl = lambda lp, o, r, a: verl_dual_clip_token(lp, o, a, DUAL_CLIP)  # noqa: E731
+    expected_loss, expected_grad = trl_loss_and_grad(batch, ALL_ROWS, loss_type, 0.0, token=verl)
+    got_loss, got_grad = l2a_loss_and_grad(batch, ALL_ROWS, loss_type, 0.0, clip_ratio_c=DUAL_CLIP)
+    assert got_loss == pytest.approx(expected_loss, rel=RTOL, abs=ATOL)
+    assert_grads_equal(got_grad, expected_grad)
+    without, _ = l2a_loss_and_grad(batch, ALL_ROWS, loss_type, 0.0)
+    assert without > got_loss + 1e-3  # the cap binds here and lowers the loss
+
+
+@pytest.mark.parametrize("beta", BETAS)
+@pytest.mark.parametrize("loss_type", MODES)
+def test_trl_delta_is_the_dual_clip_above_the_clip_range(loss_type, beta):
+    """TRL's ``delta`` (the INTELLECT-2 report's two-sided clip) caps coef_1 at delta for every token, whatever
+    the sign of A. For A < 0 that is the dual clip with c = delta. For A > 0, a ratio above delta is also above
+    1 + epsilon_high if delta is, and the ordinary clip already holds that token at 1 + epsilon_high: the cap
+    changes nothing. So with delta > 1 + epsilon_high (TRL's own recommendation) TRL's delta and l2a's
+    clip_ratio_c are the same loss and gradient. With a smaller delta they differ: TRL then also caps A > 0
+    tokens with delta < ratio < 1 + epsilon_high, which neither the dual clip nor the PPO clip touches."""
+    batch = make_batch("off-policy")
+    expected_loss, expected_grad = trl_loss_and_grad(batch, ALL_ROWS, loss_type, beta, delta=DUAL_CLIP)
+    got_loss, got_grad = l2a_loss_and_grad(batch, ALL_ROWS, loss_type, beta, clip_ratio_c=DUAL_CLIP)
+    assert got_loss == pytest.approx(expected_loss, rel=RTOL, abs=ATOL)
+    assert_grads_equal(got_grad, expected_grad)
+
+    trl_low, _ = trl_loss_and_grad(batch, ALL_ROWS, loss_type, beta, delta=LOW_DELTA)
+    l2a_low, _ = l2a_loss_and_grad(batch, ALL_ROWS, loss_type, beta, clip_ratio_c=LOW_DELTA)
+    assert abs(trl_low - l2a_low) > 1e-3
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("loss_type", MODES)
+def test_mini_batches_are_trl_steps_per_generation(loss_type, policy):
+    """Two optimizer steps on one generation batch: TRL's steps_per_generation = 2 (gradient_accumulation_steps
+    1), l2a's mini_batches = 2; each step's loss covers one half. grpo and dr_grpo: TRL's mean runs over the
+    half's own sequences, as l2a's does (num_seqs = the half's count, what l2a's update counts). dapo: TRL divides by
+    num_items_in_batch / steps_per_generation, the tokens of an *average* half (14 here); l2a by the half's own
+    tokens (15 and 13), so that every token of a step weighs the same. The two differ by that factor only.
+    (TRL also shuffles the generation batch before splitting it; l2a's halves are whole groups, in order.)"""
+    batch, beta = make_batch(policy), 0.04
+    for rows in HALVES:
+        tokens = sum(LENGTHS[i] for i in rows)
+        expected, expected_grad = trl_loss_and_grad(batch, rows, loss_type, beta, steps_per_generation=2)
+        got, got_grad = l2a_loss_and_grad(batch, rows, loss_type, beta, num_seqs=len(rows), num_tokens=tokens)
+        factor = (NUM_ITEMS / 2) / tokens if loss_type == "dapo" else 1.0
+        assert factor != 1.0 or loss_type != "dapo"
+        assert got == pytest.approx(factor * expected, rel=RTOL, abs=ATOL)
+        assert_grads_equal(got_grad, [[factor * g for g in row] for row in expected_grad])

@@ -18,15 +18,9 @@ import train
 from l2a.grpo import token_logprobs
 from l2a.logprobs import allow_checkpointing_with_prompt_cache, completion_logprobs, pack_completions
 from l2a.model import load_model, load_tokenizer
-from l2a.prompts import policy_messages
 from l2a.rollout import Completion, HFEngine, SamplingConfig
+from tiny_model import CHATS
 
-CHATS = [
-    policy_messages([{"role": "user", "content": "I have a headache."}]),
-    policy_messages([{"role": "user", "content": "My stomach hurts since yesterday, and I feel sick."}]),
-    policy_messages([{"role": "user", "content": "Sore throat."}, {"role": "assistant", "content": "Any fever?"},
-                     {"role": "user", "content": "A little."}]),
-]
 
 
 @pytest.fixture(scope="module")

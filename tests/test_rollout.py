@@ -5,15 +5,9 @@ import torch
 
 from l2a.logprobs import pack_completions
 from l2a.model import load_model, load_tokenizer
-from l2a.prompts import policy_messages
 from l2a.rollout import HFEngine, SamplingConfig, encode_chat
+from tiny_model import CHATS
 
-CHATS = [
-    policy_messages([{"role": "user", "content": "I have a headache."}]),
-    policy_messages([{"role": "user", "content": "My stomach hurts since yesterday, and I feel sick."}]),
-    policy_messages([{"role": "user", "content": "Sore throat."}, {"role": "assistant", "content": "Any fever?"},
-                     {"role": "user", "content": "A little."}]),
-]
 
 
 @pytest.fixture(scope="module")

@@ -572,6 +572,25 @@ def test_resume_continues_from_the_saved_tinker_state(world, tiny_model_dir, dat
     assert {"tinker://run-1/weights/step-000002", "tinker://run-2/weights/step-000003"} <= world.alive()
 
 
+def test_ppo_epochs_mini_batches_and_a_lagging_sampler(world, tiny_model_dir, data_file, tmp_path):
+    """ppo_epochs 2 x mini_batches 2: four forward_backward + optim_step pairs per batch, each on one mini-batch (one
+    prompt's 3 completions) with advantages scaled by that mini-batch's own token count; sync_interval 8: the
+    sampler snapshot is renewed after every second batch, so batches 3 and 4 sample the weights after 8 steps."""
+    out = tmp_path / "run"
+    train.main(_args(tiny_model_dir, data_file, out, "--steps", "4", "--eval_every", "0", "--ppo_epochs", "2",
+                     "--mini_batches", "2", "--sync_interval", "8", "--tinker_loss_fn", "ppo"))
+    assert len(world.backward) == len(world.optim) == 16 and all(len(d) == 3 for d, _, _ in world.backward)
+    assert len(world.training_samples(version=0)) == len(world.training_samples(version=8)) == 12
+    assert [r["optimizer_steps"] for r in _rows(out)] == [4, 8, 12, 16]
+    spreads = []
+    for datums, _, _ in world.backward:
+        tokens = [int((d.loss_fn_inputs["logprobs"].to_numpy() != 0).sum()) for d in datums]  # 0 over the prompt
+        # token-mean sends A_i / (tokens of the mini-batch); group advantages have sum A_i^2 = G - 1 = 2
+        recovered = [d.loss_fn_inputs["advantages"].to_numpy()[-1] * sum(tokens) for d in datums]
+        spreads.append(sum(a * a for a in recovered))
+    assert any(s > 0 for s in spreads) and all(s == pytest.approx(2.0, rel=1e-4) for s in spreads if s > 0)
+
+
 def test_a_failed_step_stops_the_run_naming_the_last_good_checkpoint(world, tiny_model_dir, data_file, tmp_path):
     world.fail_backward_call = 2
     out = tmp_path / "run"
@@ -634,6 +653,7 @@ def test_missing_api_key_is_a_clear_error_before_any_work(world, tiny_model_dir,
 
 
 @pytest.mark.parametrize("flags,problem", [(["--kl_coef", "0.1"], "kl_coef"),
+                                           (["--clip_ratio_c", "3"], "no dual clip"),
                                            (["--temperature", "0.7"], "temperature"),
                                            (["--tinker_checkpoint_ttl_hours", "-1"], "ttl_hours must be 0")])
 def test_settings_tinker_cannot_honour_are_refused(world, tiny_model_dir, data_file, tmp_path, flags, problem):

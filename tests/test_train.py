@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import json
 import signal
 from pathlib import Path
@@ -171,6 +172,9 @@ def test_warm_start_is_l2a_sft_then_grpo_on_one_axis(tiny_model_dir, data_files,
         (-2, False, True, False), (-1, True, False, False), (0, True, False, False), (0, False, True, False),
         (1, False, True, True)]
     assert all(0 <= rows[i][f"sft/{key}"] <= 1 for i in (1, 2) for key in ("token_accuracy", "decision_accuracy"))
+    # the held-out answers after the warm start come from the warm-started weights (in bf16: a refreshed replica)
+    evaluations = [{k: v for k, v in rows[i].items() if k.startswith("eval/")} for i in (0, 3)]
+    assert evaluations[0] != evaluations[1]
     warm = load_file(tmp_path / "sft/checkpoints/step-000002/model.safetensors")
     final = load_file(out / "checkpoints/step-000001/model.safetensors")
     initial = load_file(tiny_model_dir / "model.safetensors")
@@ -322,7 +326,8 @@ def test_judge_failures_are_logged_and_a_step_where_most_fail_stops_the_run(tiny
 def test_a_colocated_engine_gets_the_memory_between_training_phases(tiny_model_dir, data_files, tmp_path, monkeypatch):
     """The order of memory hand-overs around a colocated vLLM engine, on a recording stand-in for the engine (it
     samples with the trained model itself; vLLM's sleep mode works on GPUs only): cached blocks are released
-    before the engine samples and before it syncs, the engine wakes up for the rollouts and sleeps after them."""
+    before the engine samples and before it syncs, the engine wakes up for the rollouts and sleeps after them,
+    and only ``sync_sampler`` (which the loop calls every sync_interval optimizer steps) touches its weights."""
     from accelerate import Accelerator
 
     from l2a import local_policy
@@ -347,4 +352,218 @@ def test_a_colocated_engine_gets_the_memory_between_training_phases(tiny_model_d
     policy = train.make_policy(cfg, Accelerator(cpu=True), None)
     completions = policy.generate([[{"role": "user", "content": "I have a headache."}]], 3, SamplingConfig(max_new_tokens=4))
     policy.update(completions, torch.tensor([1.0, -1.0, 0.0]))
-    assert events == ["release", "wake_up", "generate", "sleep", "release", "sync_weights"]
+    assert events == ["release", "wake_up", "generate", "sleep"]  # an optimizer step leaves the engine alone
+    policy.sync_sampler()
+    assert events[4:] == ["release", "sync_weights"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Several optimizer steps per batch, a lagging sampler, the dual clip.
+# --------------------------------------------------------------------------------------------------
+
+STRIP = ("time/", "tokens_per_second")
+
+
+def _rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_ppo_epochs_mini_batches_and_a_lagging_sampler_make_the_clips_bind(tiny_model_dir, data_files, judge_url,
+                                                                          tmp_path, monkeypatch):
+    """mu = 2 passes over 2 mini-batches: 4 optimizer steps per batch; the HF sampler is refreshed every 8, i.e.
+    after batches 2 and 4, so batches 2 and 4 are sampled with weights 4 optimizer steps old. The ratio leaves 1,
+    the PPO clip and the dual clip bind, and the sampler metrics show the lag exactly where it is."""
+    monkeypatch.setenv("OPENAI_API_KEY", "test")
+    out = tmp_path / "run"
+    train.main(_args(tiny_model_dir, data_files["mixed"], out, "--steps", "4", "--eval_every", "2",
+                     "--ppo_epochs", "2", "--mini_batches", "2", "--sync_interval", "8", "--clip_ratio_c", "1.5",
+                     "--vllm_is_correction", "true", *judge_url))
+    rows = _rows(out)
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4] and "eval/reward" in rows[2] and "eval/reward" in rows[4]
+    trained = rows[1:]
+    assert [r["optimizer_steps"] for r in trained] == [4, 8, 12, 16]
+    for r in trained:
+        for key in ("loss", "grad_norm", "entropy", "ratio_mean", "clip_low_frac", "clip_high_frac", "clip_dual_frac",
+                    "sampler_logprob_diff", "kl_to_sampler", "is_weight_mean"):
+            assert math.isfinite(r[key]), (r["step"], key)
+        assert r["skipped_steps"] == 0 and r["grad_norm"] > 0
+    # The later optimizer steps of a batch start from moved weights: ratios leave 1 and every clip binds somewhere.
+    assert all(abs(r["ratio_mean"] - 1) > 1e-3 for r in trained)
+    assert sum(r["clip_low_frac"] + r["clip_high_frac"] for r in trained) > 0
+    assert sum(r["clip_dual_frac"] for r in trained) > 0
+    # Batches 1 and 3 are sampled right after a sync (the start, optimizer step 8): the sampler's log-probabilities
+    # are pi_old's. Batches 2 and 4 come from weights 4 optimizer steps older than pi_old.
+    for r in trained[0::2]:
+        assert r["sampler_logprob_diff_max"] < 1e-5 and r["kl_to_sampler"] < 1e-9
+        assert r["is_weight_mean"] == pytest.approx(1.0, abs=1e-5)
+    for r in trained[1::2]:
+        assert r["sampler_logprob_diff"] > 1e-2 and r["kl_to_sampler"] > 1e-4
+        assert abs(r["is_weight_mean"] - 1) > 1e-3
+    assert [r["time/sync"] > 0 for r in trained] == [False, True, False, True]
+
+
+def test_one_optimizer_step_per_batch_needs_no_extra_pass(tiny_model_dir, data_files, tmp_path):
+    """The default (ppo_epochs = mini_batches = 1) keeps the one-pass path: no forward pass for pi_old, the
+    trained pass's own log-probabilities detached (ratio 1). And the HF engine that does not lag samples from the
+    trained module itself (no replica, no log-probabilities to report)."""
+    from accelerate import Accelerator
+
+    from l2a.rollout import SamplingConfig
+
+    cfg = train.parse_config(_args(tiny_model_dir, data_files["mixed"], tmp_path / "run"))
+    policy = train.make_policy(cfg, Accelerator(cpu=True), None)
+    completions = policy.generate([[{"role": "user", "content": "I have a headache."}]], 3, SamplingConfig(max_new_tokens=4))
+    assert policy.logprobs_before_update(completions) is None
+    assert policy.replica is None and policy.engine.model is policy.accelerator.unwrap_model(policy.model)
+    assert all(c.logprobs is None for c in completions)
+
+
+@pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean"])
+def test_an_update_divides_by_the_counts_of_its_own_completions(loss_agg, tiny_model_dir, data_files, tmp_path):
+    """A mini-batch's optimizer step takes the token and sequence counts of that mini-batch (all processes), not
+    of the whole rollout batch. At the batch's first step the ratio is 1, so the loss is -sum_i w_i A_i with
+    w_i = len_i / N_tokens (token-mean) or 1 / N_seqs (seq-mean-token-mean) over the mini-batch: half the
+    completions here, so counting the whole batch would halve it. float64 weights: the ratio is exactly 1."""
+    from accelerate import Accelerator
+
+    from l2a.rollout import SamplingConfig
+
+    cfg = train.parse_config(_args(tiny_model_dir, data_files["mixed"], tmp_path / "run", "--ppo_epochs", "2",
+                                   "--mini_batches", "2", "--loss_agg", loss_agg, "--dtype", "float64"))
+    policy = train.make_policy(cfg, Accelerator(cpu=True), None)
+    chats = [[{"role": "user", "content": "I have a headache."}], [{"role": "user", "content": "I feel dizzy."}]]
+    completions = policy.generate(chats, 3, SamplingConfig(max_new_tokens=5))
+    advantages = torch.tensor([1.0, -0.5, 2.0, 0.25, -1.0, 0.5], dtype=torch.float64)
+    old = policy.logprobs_before_update(completions)
+    assert [len(o) for o in old] == [len(c.token_ids) for c in completions]
+    first = slice(0, 3)
+    metrics = policy.update(completions[first], advantages[first], old[first])
+    lengths = torch.tensor([len(c.token_ids) for c in completions[first]], dtype=torch.float64)
+    weights = lengths / lengths.sum() if loss_agg == "token-mean" else torch.full((3,), 1 / 3, dtype=torch.float64)
+    assert metrics["loss"] == pytest.approx(-(weights * advantages[first]).sum().item(), rel=1e-12)
+    assert metrics["ratio_mean"] == pytest.approx(1.0, abs=1e-12) and metrics["applied"]
+
+
+def test_a_lagging_sampler_resumes_exactly(tiny_model_dir, data_files, judge_url, tmp_path, monkeypatch):
+    """Checkpoints fall where the sampler was just refreshed (check_config makes save_every so), so a run stopped
+    after step 2 and resumed from its checkpoint (whose weights also restart the sampler) is the uninterrupted one."""
+    monkeypatch.setenv("OPENAI_API_KEY", "test")
+    lagging = ["--ppo_epochs", "2", "--sync_interval", "4", "--vllm_is_correction", "true", "--eval_every", "0",
+               "--save_every", "2", *judge_url]
+    train.main(_args(tiny_model_dir, data_files["mixed"], tmp_path / "full", "--steps", "4", *lagging))
+    train.main(_args(tiny_model_dir, data_files["mixed"], tmp_path / "cut", "--steps", "2", *lagging))
+    train.main(_args(tiny_model_dir, data_files["mixed"], tmp_path / "cut", "--steps", "4", "--resume", "true", *lagging))
+
+    strip = lambda row: {k: v for k, v in row.items() if not k.startswith(STRIP)}  # noqa: E731
+    full, cut = [strip(r) for r in _rows(tmp_path / "full")], [strip(r) for r in _rows(tmp_path / "cut")]
+    assert cut == full
+    assert [r["sampler_logprob_diff"] > 1e-3 for r in full] == [False, True, False, True]  # it did lag
+    final = "checkpoints/step-000004/model.safetensors"
+    a, b = load_file(tmp_path / "full" / final), load_file(tmp_path / "cut" / final)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("flags,problem", [
+    (["--mini_batches", "3"], "prompts_per_step=4 must be a multiple of mini_batches=3"),
+    (["--ppo_epochs", "0"], "ppo_epochs must be at least 1"),
+    (["--sync_interval", "0"], "sync_interval must be at least 1"),
+    (["--clip_ratio_c", "1.0"], "clip_ratio_c must be > 1"),
+    (["--sync_interval", "3"], "eval_every=8 must be a multiple of 3"),
+    (["--sync_interval", "4", "--ppo_epochs", "2", "--eval_every", "0", "--save_every", "3"],
+     "save_every=3 must be a multiple of 2"),
+    (["--vllm_is_correction", "true"], "vllm_is_correction needs the sampler's log-probabilities"),
+    (["--vllm_is_correction", "true", "--sync_interval", "2", "--top_p", "0.9"], "and top_p 1"),
+])
+def test_settings_that_do_not_fit_together_are_refused(flags, problem):
+    with pytest.raises(UserError, match=problem):
+        train.parse_config(flags)
+
+
+def test_settings_that_fit_together_are_accepted():
+    cfg = train.parse_config(["--sync_interval", "8", "--ppo_epochs", "2", "--mini_batches", "2", "--eval_every", "2",
+                              "--save_every", "4", "--vllm_is_correction", "true", "--clip_ratio_c", "3"])
+    assert (cfg.ppo_epochs, cfg.mini_batches, cfg.sync_interval, cfg.clip_ratio_c) == (2, 2, 8, 3.0)
+    assert train.parse_config(["--sync_interval", "2", "--eval_every", "4"]).sync_interval == 2
+
+
+def test_the_sampler_is_refreshed_when_a_multiple_of_sync_interval_is_reached():
+    due = lambda per_batch, k, batches: [train.sampler_is_due(b * per_batch, per_batch, k)  # noqa: E731
+                                         for b in range(1, batches + 1)]
+    assert due(1, 1, 3) == [True, True, True]
+    assert due(1, 10, 21) == [b % 10 == 0 for b in range(1, 22)]  # the reference: after trainer steps 10, 20, ...
+    assert due(4, 8, 4) == [False, True, False, True]
+    assert due(4, 2, 3) == [True, True, True]  # several multiples within one batch: once, at its end
+    assert due(2, 3, 6) == [False, True, True, False, True, True]  # optimizer steps 2 4 6 8 10 12: 3, 6, 9, 12 reached
+
+
+def test_mini_batches_are_whole_groups_and_the_same_on_any_number_of_processes():
+    """Process r of N holds prompts r, r + N, ... of a step (train.main); slice m of every process's share
+    together is slice m of the whole batch, so N processes train on the same mini-batches as one."""
+    prompts, group, processes, mini_batches = 8, 3, 2, 2
+    whole = [p for p in range(prompts) for _ in range(group)]  # the prompt of each completion, groups contiguous
+    for m, part in enumerate(train.mini_batch_slices(len(whole), mini_batches)):
+        shares = []
+        for rank in range(processes):
+            mine = [p for p in whole if p % processes == rank]
+            shares += mine[train.mini_batch_slices(len(mine), mini_batches)[m]]
+        assert sorted(shares) == sorted(whole[part]) and len(whole[part]) % group == 0
+
+
+def test_the_log_of_several_updates_is_their_mean_and_one_update_is_itself():
+    one = {"loss": -0.0, "grad_norm": 0.1 + 0.2, "sampler_logprob_diff_max": 0.5}
+    assert train.mean_over_updates([one]) == one and str(train.mean_over_updates([one])["loss"]) == "-0.0"
+    two = train.mean_over_updates([one, {"loss": 1.0, "grad_norm": 0.5, "sampler_logprob_diff_max": 0.25}])
+    assert two == {"loss": 0.5, "grad_norm": pytest.approx(0.4), "sampler_logprob_diff_max": 0.5}
+
+
+def test_sampler_metrics_and_importance_weights_by_hand(tiny_model_dir, data_files, tmp_path):
+    """The sampler's log-probabilities set to pi_old's plus a known shift d per completion (+0.3, -2.0, 0.0):
+    per token, |log ratio| = |d|, the importance weight min(exp(-d), 3) (capped at vllm_is_cap for d = -2), and
+    KL(sampler || pi_old) by k3 on the sampler's tokens, exp(-d) + d - 1 (the other direction would be
+    exp(d) - d - 1). float64 weights; the sampler's numbers pass through float32, as an engine's do."""
+    from dataclasses import replace
+
+    from accelerate import Accelerator
+
+    from l2a.rollout import SamplingConfig
+
+    cfg = train.parse_config(_args(tiny_model_dir, data_files["mixed"], tmp_path / "run", "--ppo_epochs", "2",
+                                   "--sync_interval", "2", "--vllm_is_correction", "true", "--dtype", "float64"))
+    policy = train.make_policy(cfg, Accelerator(cpu=True), None)
+    completions = policy.generate([[{"role": "user", "content": "I have a headache."}]], 3, SamplingConfig(max_new_tokens=5))
+    old = policy.logprobs_before_update(completions)
+    shifts = [0.3, -2.0, 0.0]
+    shifted = [replace(c, logprobs=(o + d).tolist()) for c, o, d in zip(completions, old, shifts)]
+    metrics = policy.update(shifted, torch.tensor([1.0, -1.0, 0.0], dtype=torch.float64), old)
+
+    lengths = [len(c.token_ids) for c in completions]
+    mean = lambda per_token: sum(n * per_token(d) for n, d in zip(lengths, shifts)) / sum(lengths)  # noqa: E731
+    assert metrics["sampler_logprob_diff"] == pytest.approx(mean(abs), abs=1e-6)
+    assert metrics["sampler_logprob_diff_max"] == pytest.approx(2.0, abs=1e-6)
+    assert metrics["is_weight_mean"] == pytest.approx(mean(lambda d: min(math.exp(-d), 3.0)), abs=1e-6)
+    assert metrics["kl_to_sampler"] == pytest.approx(mean(lambda d: math.exp(-d) + d - 1), abs=1e-6)
+
+
+def test_bf16_rollouts_sample_from_the_trained_weights(tiny_model_dir, data_files, judge_url, tmp_path, monkeypatch):
+    """dtype bfloat16 samples from a bf16 replica of the weights: before every rollout it must hold the trained
+    float32 weights rounded to bf16, or GRPO would learn from samples of a policy it no longer is."""
+    from l2a.local_policy import LocalPolicy
+
+    checked, first_weights = [], {}
+    real_generate = LocalPolicy.generate
+
+    def generate(self, chats, n, sampling):
+        sampler_state = self.engine.model.state_dict()
+        for name, tensor in self.model.state_dict().items():
+            assert tensor.dtype == torch.float32 and sampler_state[name].dtype == torch.bfloat16, name
+            assert torch.equal(sampler_state[name], tensor.to(torch.bfloat16)), name
+        first_weights.setdefault("embed", self.model.state_dict()["model.embed_tokens.weight"].clone())
+        checked.append(sampling.seed)
+        return real_generate(self, chats, n, sampling)
+
+    monkeypatch.setattr(LocalPolicy, "generate", generate)
+    train.main(_args(tiny_model_dir, data_files["mixed"], tmp_path / "run", "--steps", "3", "--eval_every", "0",
+                     "--dtype", "bfloat16", *judge_url))
+    assert len(checked) == 3
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "checkpoints" / "step-000003")
+    assert not torch.equal(trained.model.embed_tokens.weight, first_weights["embed"])  # the weights did move

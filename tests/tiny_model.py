@@ -13,6 +13,16 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from l2a.prompts import policy_messages
+
+# Policy chats of different lengths, for the tests that sample from or score the tiny model.
+CHATS = [
+    policy_messages([{"role": "user", "content": "I have a headache."}]),
+    policy_messages([{"role": "user", "content": "My stomach hurts since yesterday, and I feel sick."}]),
+    policy_messages([{"role": "user", "content": "Sore throat."}, {"role": "assistant", "content": "Any fever?"},
+                     {"role": "user", "content": "A little."}]),
+]
+
 from l2a.prompts import GRADER_PROMPT, POLICY_PROMPT
 
 CHATML = (
