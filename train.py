@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from l2a.checkpoint import latest_checkpoint, resume_position, truncate_metrics
 from l2a.cli import UserError, arg, parse_dataclass, run_command
-from l2a.data import batch_indices, load_samples
+from l2a.data import batch_indices, evenly_spaced, load_samples
 from l2a.grpo import AdvantageScale, KLEstimator, LossAggregation, group_advantages
 from l2a.judges import TRAINING_GRADER, make_judge, score_responses
 from l2a.metrics import compute_metrics, graded_record
@@ -91,17 +91,17 @@ class Config:
     train_mode: TrainMode = arg("Ra+Rs", "Reward: 'Ra+Rs' (paper), 'Ra' (no stop reward/rule), 'Rs' (no question reward).")
     fusion_mode: FusionMode = arg("default", "With Ra+Rs: 'default' = R_s(1+2R_a)+P (hierarchical), 'sum' = R_s+R_a+P.")
     # --- supervised warm start before GRPO (l2a.sft; logged at steps -sft_steps+1..0) --------------
-    sft_steps: int = arg(32, "Supervised steps on the data's hindsight targets (the logged next question, or <stop />) before GRPO; 0 = none.")
+    sft_steps: int = arg(128, "Supervised steps on the data's hindsight targets (the logged next question, or <stop />) before GRPO; 0 = none.")
     sft_batch_size: int = arg(8, "Samples per supervised step.")
-    sft_learning_rate: float = arg(5e-5, "AdamW learning rate of the warm start, constant.")
+    sft_learning_rate: float = arg(1e-4, "AdamW peak learning rate of the warm start, decayed to 0 by a cosine over sft_steps.")
     sft_frozen_layers: int = arg(15, "Bottom decoder layers (and the embeddings) the warm start keeps fixed: about 3x faster steps; GRPO trains every weight.")
     # --- GRPO -------------------------------------------------------------------------------------
-    steps: int = arg(16, "Rollout batches, i.e. loop iterations, each of ppo_epochs x mini_batches optimizer steps (ignored when epochs is set).")
+    steps: int = arg(36, "Rollout batches, i.e. loop iterations, each of ppo_epochs x mini_batches optimizer steps (ignored when epochs is set).")
     epochs: int = arg(0, "Passes over train_file, the reference's total_epochs: when > 0, steps = ceil(epochs * train samples / prompts_per_step), computed and printed at start-up; 0 = use steps.")
     ppo_epochs: int = arg(1, "Passes over each rollout batch (the GRPO paper's mu, TRL's num_iterations, verl's ppo_epochs); 1 = on-policy, ratio 1.")
     mini_batches: int = arg(1, "Optimizer steps per pass: each process's groups split into this many equal slices, in order.")
     sync_interval: int = arg(1, "The rollout engine's weights are refreshed every k optimizer steps (Trinity-RFT's sync_interval), at the end of the rollout batch that reaches a multiple of k; 1 = every batch samples from the newest weights.")
-    learning_rate: float = arg(2e-5, "AdamW learning rate, constant (the paper: 5e-7 for 7B).")
+    learning_rate: float = arg(6e-5, "AdamW learning rate, constant (the paper: 5e-7 for 7B).")
     weight_decay: float = arg(0.0, "AdamW weight decay.")
     adv_scale: AdvantageScale = arg("group", "Advantage scaling: 'group' (GRPO), 'batch', or 'none' (Dr. GRPO).")
     clip_low: float = arg(0.2, "PPO clip: ratio floor is 1 - clip_low.")
@@ -120,8 +120,8 @@ class Config:
     tinker_loss_fn: Literal["importance_sampling", "ppo"] = arg("importance_sampling", "Tinker's built-in loss: 'importance_sampling' or 'ppo'.")
     tinker_checkpoint_ttl_hours: int = arg(168, "Tinker deletes a checkpoint's remote state and sampler weights this many hours after saving (0 = never; the final checkpoint's never). Resume before they expire.")
     # --- evaluation, logging, checkpoints -------------------------------------------------------
-    eval_every: int = arg(8, "Evaluate on held-out samples every N steps (and at the start and end); 0 = never.")
-    eval_samples: int = arg(24, "Held-out samples per evaluation (greedy decoding, one completion each).")
+    eval_every: int = arg(18, "Evaluate on held-out samples every N steps (and at the start and end); 0 = never.")
+    eval_samples: int = arg(64, "Held-out samples per evaluation (greedy decoding, one completion each), spread evenly over eval_file.")
     save_every: int = arg(0, "Write a checkpoint every N steps (0 = only at the end).")
     keep_checkpoints: int = arg(2, "Keep the newest N checkpoints.")
     resume: bool = arg(False, "Continue from the newest checkpoint in output_dir.")
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg.steps = steps_for_epochs(cfg.epochs, len(train_samples), cfg.prompts_per_step)
         accelerator.print(f"{cfg.epochs} epochs of {len(train_samples)} samples, {cfg.prompts_per_step} per step: "
                           f"{cfg.steps} steps")
-    eval_samples = load_samples(cfg.eval_file)[: cfg.eval_samples] if cfg.eval_every else []
+    eval_samples = evenly_spaced(load_samples(cfg.eval_file), cfg.eval_samples) if cfg.eval_every else []
     judge = make_judge(cfg.judge, cfg.judge_url, cfg.judge_model, cfg.judge_api_key_env, TRAINING_GRADER,
                        cfg.judge_concurrency)
     judge.preflight()  # an unreachable or unreadable grader fails here, not after hours of zero rewards
@@ -297,6 +297,10 @@ def check_config(cfg: Config) -> None:
                         "distribution)")
     if cfg.sft_steps < 0 or (cfg.sft_steps and cfg.sft_batch_size < 1):
         problems.append("sft_steps must be at least 0, and sft_batch_size at least 1")
+    if cfg.sft_steps and cfg.kl_coef != 0:
+        problems.append("kl_coef > 0 with a warm start would anchor GRPO to the model before it (the reference is "
+                        "loaded from `model`): run `python -m l2a.sft` first, then train from its checkpoint with "
+                        "--model <checkpoint> --sft_steps 0")
     if cfg.backend == "tinker":
         if cfg.sft_steps:
             problems.append("backend tinker has no warm start: set sft_steps to 0")
@@ -350,7 +354,7 @@ def warm_start(policy, train_samples: list[dict], eval_samples: list[dict], judg
     and learns *when*. Logged as ``sft/*`` at steps -sft_steps+1 .. 0, after a held-out evaluation of the base model
     at step -sft_steps, so the curves show both stages on one axis.
     """
-    from l2a.sft import SFTTrainer, frozen_layers
+    from l2a.sft import SFTTrainer, cosine_learning_rate, frozen_layers
 
     if eval_samples:
         log(evaluate_heldout(policy, judge, eval_samples, cfg), step=-cfg.sft_steps)
@@ -360,7 +364,8 @@ def warm_start(policy, train_samples: list[dict], eval_samples: list[dict], judg
                              train_mode=cfg.train_mode, bf16_autocast=cfg.dtype == "bfloat16")
         for k in tqdm(range(cfg.sft_steps), desc="sft", disable=not policy.accelerator.is_main_process):
             indices = batch_indices(len(train_samples), k, cfg.sft_batch_size, cfg.seed, stream="sft")
-            metrics = trainer.step([train_samples[i] for i in indices])
+            metrics = trainer.step([train_samples[i] for i in indices],
+                                   cosine_learning_rate(cfg.sft_learning_rate, k, cfg.sft_steps))
             log({f"sft/{key}": value for key, value in metrics.items()}, step=k + 1 - cfg.sft_steps)
     policy.sync_sampler()  # the rollout engine (vLLM, or the bf16 replica) samples the warm-started weights
 

@@ -313,6 +313,14 @@ def batch_indices(num_samples: int, step: int, per_step: int, seed: int, stream:
     return indices
 
 
+def evenly_spaced(samples: list[dict], count: int) -> list[dict]:
+    """``count`` samples spread evenly over ``samples`` (all of them if there are no more): a held-out subset
+    drawn from many consultations, where the first ``count`` lines would come from a few consecutive ones."""
+    if count >= len(samples):
+        return list(samples)
+    return [samples[i * len(samples) // count] for i in range(count)]
+
+
 # ---------------------------------------------------------------------------------------------------
 # Extracting the facts each future elicits (spec section 3.2)
 

@@ -21,9 +21,9 @@ Two exact savings and one choice make a step cheap on a CPU:
 (``sft_steps``) runs it on the policy before GRPO:
 
     python -m l2a.sft                                              # SmolLM2-135M, data/synthetic, runs/sft
-    python -m l2a.sft --steps 48 --learning_rate 3e-5 --output_dir runs/sft48
-    python -m l2a.evaluate --model runs/sft/checkpoints/step-000032 --out runs/eval-sft
-    python train.py --model runs/sft/checkpoints/step-000032 --sft_steps 0   # GRPO from the SFT checkpoint
+    python -m l2a.sft --steps 64 --learning_rate 5e-5 --output_dir runs/sft64
+    python -m l2a.evaluate --model runs/sft/checkpoints/step-000128 --out runs/eval-sft
+    python train.py --model runs/sft/checkpoints/step-000128 --sft_steps 0   # GRPO from the SFT checkpoint
 
 Checkpoints are train.py's: ``OUTPUT_DIR/checkpoints/step-N`` = a Hugging Face model directory + ``trainer_state.pt``;
 ``--resume true`` continues a stopped run exactly.
@@ -60,9 +60,9 @@ class SFTConfig:
     seed: int = arg(0, "Seeds the order of the samples.")
     dtype: Literal["auto", "float32", "bfloat16", "float64"] = arg("auto", "Precision, as train.py's: 'bfloat16' (float32 weights and optimizer, bf16 autocast compute), 'float32', 'float64', or 'auto': bfloat16 where the hardware computes it natively, else float32.")
     train_mode: Literal["Ra+Rs", "Ra"] = arg("Ra+Rs", "Which policy system prompt the model reads: with the stop rule ('Ra+Rs') or without ('Ra').")
-    steps: int = arg(32, "Optimizer steps (train.py's warm start: sft_steps, the same default).")
+    steps: int = arg(128, "Optimizer steps (train.py's warm start: sft_steps, the same default).")
     batch_size: int = arg(8, "Samples per step.")
-    learning_rate: float = arg(5e-5, "AdamW learning rate, constant.")
+    learning_rate: float = arg(1e-4, "AdamW peak learning rate, decayed to 0 over the steps by a cosine.")
     weight_decay: float = arg(0.0, "AdamW weight decay.")
     max_grad_norm: float = arg(1.0, "Gradient norm clip.")
     frozen_layers: int = arg(15, "Bottom decoder layers kept fixed, with the embeddings (tied to the output layer in SmolLM2); 0 trains every weight.")
@@ -210,6 +210,13 @@ def frozen_layers(model: PreTrainedModel, count: int) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
+def cosine_learning_rate(peak: float, step: int, steps: int) -> float:
+    """The learning rate of step ``step`` (0-based) of ``steps``: ``peak * (1 + cos(pi * step / steps)) / 2``, from
+    ``peak`` down towards 0. Why a decay: at a constant rate the decision flips from under- to over-stopping and
+    back between checkpoints a few steps apart (measured on the embedded default); the decay lets it settle."""
+    return peak * 0.5 * (1.0 + math.cos(math.pi * step / steps))
+
+
 class SFTTrainer:
     """Supervised steps on ``model``: ``step(samples) -> metrics``. Trains the parameters that require a gradient
     when it is made (see ``frozen_layers``), with its own AdamW."""
@@ -223,9 +230,13 @@ class SFTTrainer:
         self.optimizer = torch.optim.AdamW(self.parameters, lr=learning_rate, weight_decay=weight_decay, fused=True)
         self.stop_token_id = tokenizer(STOP_TOKEN, add_special_tokens=False)["input_ids"][0]
 
-    def step(self, samples: list[dict]) -> dict[str, float]:
-        """One optimizer step on ``samples``; returns loss, grad_norm, token and decision accuracy, seconds."""
+    def step(self, samples: list[dict], learning_rate: float | None = None) -> dict[str, float]:
+        """One optimizer step on ``samples`` (at ``learning_rate`` if given, e.g. ``cosine_learning_rate``'s);
+        returns loss, grad_norm, token and decision accuracy, seconds."""
         started = time.perf_counter()
+        if learning_rate is not None:
+            for group in self.optimizer.param_groups:
+                group["lr"] = learning_rate
         was_training = self.model.training
         self.model.train()
         batch = make_batch(self.tokenizer, samples, self.train_mode)
@@ -240,7 +251,8 @@ class SFTTrainer:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.model.train(was_training)
-        return {"loss": loss.item(), "grad_norm": grad_norm, **stats, "seconds": time.perf_counter() - started}
+        return {"loss": loss.item(), "grad_norm": grad_norm, "learning_rate": self.optimizer.param_groups[0]["lr"],
+                **stats, "seconds": time.perf_counter() - started}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -279,7 +291,8 @@ def main(argv: list[str] | None = None) -> None:
         metrics.parent.mkdir(parents=True, exist_ok=True)
         for step in range(start, cfg.steps):
             batch = [samples[i] for i in batch_indices(len(samples), step, cfg.batch_size, cfg.seed, stream="sft")]
-            row = {"step": step + 1, **{f"sft/{key}": value for key, value in trainer.step(batch).items()}}
+            lr = cosine_learning_rate(cfg.learning_rate, step, cfg.steps)
+            row = {"step": step + 1, **{f"sft/{key}": value for key, value in trainer.step(batch, lr).items()}}
             with metrics.open("a") as f:
                 f.write(json.dumps(row) + "\n")
             print(f"step {step + 1}/{cfg.steps}: loss {row['sft/loss']:.3f}, decision accuracy "

@@ -33,7 +33,9 @@ from l2a.data import (
     DataError,
     ExtractionIncomplete,
     LLMExtractor,
+    batch_indices,
     build_dataset,
+    evenly_spaced,
     extract_all,
     hindsight_target,
     load_samples,
@@ -645,3 +647,20 @@ def test_cli_interrupted_run_loses_nothing(tmp_path, signal_number, ignore_sigin
     continues = [s for s in samples if s["decision_truth"] == "continue"]
     assert set(first_run) | set(rerun) == {extraction_messages(s["remaining"])[-1]["content"] for s in continues}
     assert len(load_samples(out / "train.jsonl")) + len(load_samples(out / "test.jsonl")) == len(samples)
+
+
+def test_batch_indices_walk_a_fresh_permutation_per_epoch():
+    """Steps of 3 over 7 samples: each epoch sees every sample once; the order is a pure function of (seed, stream,
+    step), so a resumed run draws the same batches, and the warm start's stream is not GRPO's."""
+    epochs = [sum((batch_indices(7, step, 1, 0, "grpo") for step in range(e * 7, e * 7 + 7)), []) for e in range(2)]
+    assert all(sorted(order) == list(range(7)) for order in epochs) and epochs[0] != epochs[1]
+    steps = [batch_indices(7, step, 3, 0, "grpo") for step in range(5)]
+    assert sum(steps, [])[:14] == epochs[0] + epochs[1]  # batches run on across the epoch boundary
+    assert steps == [batch_indices(7, step, 3, 0, "grpo") for step in range(5)]
+    assert batch_indices(7, 0, 7, 0, "sft") != epochs[0] and batch_indices(7, 0, 7, 1, "grpo") != epochs[0]
+
+
+def test_evenly_spaced_spreads_the_subset_over_the_file():
+    samples = [{"cid": str(i)} for i in range(10)]
+    assert [s["cid"] for s in evenly_spaced(samples, 4)] == ["0", "2", "5", "7"]
+    assert evenly_spaced(samples, 10) == samples and evenly_spaced(samples, 99) == samples

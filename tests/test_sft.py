@@ -16,7 +16,7 @@ from l2a.cli import UserError
 from l2a.model import load_model, load_tokenizer
 from l2a.prompts import STOP_TOKEN, policy_messages
 from l2a.rollout import encode_chat
-from l2a.sft import SFTTrainer, frozen_layers, make_batch, sft_loss
+from l2a.sft import SFTTrainer, cosine_learning_rate, frozen_layers, make_batch, sft_loss
 
 
 def _samples() -> list[dict]:
@@ -80,6 +80,12 @@ def test_frozen_layers_stay_fixed_and_thaw_afterwards(tiny_model_dir):
             pass
 
 
+def test_cosine_learning_rate_decays_from_the_peak_towards_zero():
+    rates = [cosine_learning_rate(1e-4, step, 32) for step in range(32)]
+    assert rates[0] == 1e-4 and rates[16] == pytest.approx(5e-5) and 0 < rates[-1] < 1e-6
+    assert all(a > b for a, b in zip(rates, rates[1:]))
+
+
 def test_a_sample_without_target_is_refused(tiny_model_dir):
     tokenizer = load_tokenizer(str(tiny_model_dir))
     old = {k: v for k, v in _samples()[0].items() if k != "target"}  # a file built before targets existed
@@ -118,4 +124,7 @@ def test_command_saves_checkpoints_and_resumes_exactly(tiny_model_dir, tmp_path)
     strip = lambda row: {k: v for k, v in row.items() if k != "sft/seconds"}  # noqa: E731
     rows = lambda run: [strip(json.loads(line)) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     assert [r["step"] for r in rows("full")] == [1, 2, 3, 4] and rows("full") == rows("cut")
+    # the cosine decay goes on from the resumed step, not from the peak
+    assert [r["sft/learning_rate"] for r in rows("cut")] == pytest.approx([1e-2, 0.5e-2 * (1 + 0.5 ** 0.5), 0.5e-2,
+                                                                         0.5e-2 * (1 - 0.5 ** 0.5)])
     assert rows("full")[-1]["sft/loss"] < rows("full")[0]["sft/loss"]

@@ -468,11 +468,12 @@ def test_a_lagging_sampler_resumes_exactly(tiny_model_dir, data_files, judge_url
     (["--ppo_epochs", "0"], "ppo_epochs must be at least 1"),
     (["--sync_interval", "0"], "sync_interval must be at least 1"),
     (["--clip_ratio_c", "1.0"], "clip_ratio_c must be > 1"),
-    (["--sync_interval", "3"], "eval_every=8 must be a multiple of 3"),
+    (["--sync_interval", "5"], "eval_every=12 must be a multiple of 5"),
     (["--sync_interval", "4", "--ppo_epochs", "2", "--eval_every", "0", "--save_every", "3"],
      "save_every=3 must be a multiple of 2"),
     (["--vllm_is_correction", "true"], "vllm_is_correction needs the sampler's log-probabilities"),
     (["--vllm_is_correction", "true", "--sync_interval", "2", "--top_p", "0.9"], "and top_p 1"),
+    (["--kl_coef", "0.01"], "kl_coef > 0 with a warm start would anchor GRPO to the model before it"),
 ])
 def test_settings_that_do_not_fit_together_are_refused(flags, problem):
     with pytest.raises(UserError, match=problem):
