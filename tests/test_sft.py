@@ -4,6 +4,7 @@ command trains, saves train.py-style checkpoints and resumes exactly. Tiny rando
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -99,7 +100,8 @@ def _data_file(path: Path) -> Path:
 
 
 def test_command_saves_checkpoints_and_resumes_exactly(tiny_model_dir, tmp_path):
-    """`python -m l2a.sft`: 4 steps straight, or 2 steps, then --resume to 4: the same weights and metrics."""
+    """`python -m l2a.sft`: 4 steps straight, or a run that lost everything after step 2's checkpoint, then --resume
+    to 4: the same weights and metrics (the learning-rate schedule spans the 4 steps either way)."""
     def sft(out: Path, steps: int, *extra: str) -> None:
         done = run_to_end(python("-m", "l2a.sft", "--model", str(tiny_model_dir), "--train_file", str(data),
                                  "--output_dir", str(out), "--steps", str(steps), "--batch_size", "3",
@@ -109,7 +111,8 @@ def test_command_saves_checkpoints_and_resumes_exactly(tiny_model_dir, tmp_path)
 
     data = _data_file(tmp_path / "train.jsonl")
     sft(tmp_path / "full", 4)
-    sft(tmp_path / "cut", 2)
+    sft(tmp_path / "cut", 4)
+    shutil.rmtree(tmp_path / "cut/checkpoints/step-000004")  # as if the run had stopped after step 2's checkpoint
     sft(tmp_path / "cut", 4, "--resume", "true")
     final = "checkpoints/step-000004"
     assert sorted(p.name for p in (tmp_path / "full/checkpoints").iterdir()) == ["step-000002", "step-000004"]
