@@ -6,7 +6,9 @@
     python train.py --config configs/tinker_qwen.yaml # sampling and LoRA training on Tinker
     accelerate launch --config_file configs/accelerate/fsdp_8gpu.yaml train.py --config configs/qwen2.5-7b_8gpu.yaml
 
-Each step:
+First, unless ``sft_steps`` is 0, a supervised warm start (``warm_start``, ``l2a.sft``): the base model never
+samples ``<stop />``, so GRPO alone could never reward stopping; a few steps of imitating the logged next turn put it
+among the samples. Then each GRPO step:
   1. rollouts: take ``prompts_per_step`` consultations (each process its share) and sample ``group_size``
      completions for each: a question for the patient, or ``<stop />``;
   2. rewards: the judge grades correct "continue" questions, ``compute_reward`` turns decision, content and
@@ -28,7 +30,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Literal
@@ -38,9 +40,9 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, set_seed
 from tqdm import tqdm
 
-from l2a.checkpoint import latest_checkpoint, resume_position
-from l2a.cli import UserError, parse_dataclass, run_command
-from l2a.data import load_samples
+from l2a.checkpoint import latest_checkpoint, resume_position, truncate_metrics
+from l2a.cli import UserError, arg, parse_dataclass, run_command
+from l2a.data import batch_indices, evenly_spaced, load_samples
 from l2a.grpo import AdvantageScale, KLEstimator, LossAggregation, group_advantages
 from l2a.judges import TRAINING_GRADER, make_judge, score_responses
 from l2a.metrics import compute_metrics, graded_record
@@ -48,11 +50,6 @@ from l2a.model import EMBEDDED_DEFAULT, fastest_dtype
 from l2a.prompts import STOP_TOKEN, policy_messages
 from l2a.reward import FusionMode, TrainMode
 from l2a.rollout import SamplingConfig
-
-
-def arg(default, help: str):
-    """A config field with its documentation (shown by ``--help``)."""
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass
@@ -93,13 +90,18 @@ class Config:
     judge_concurrency: int = arg(16, "Grader requests in flight at once.")
     train_mode: TrainMode = arg("Ra+Rs", "Reward: 'Ra+Rs' (paper), 'Ra' (no stop reward/rule), 'Rs' (no question reward).")
     fusion_mode: FusionMode = arg("default", "With Ra+Rs: 'default' = R_s(1+2R_a)+P (hierarchical), 'sum' = R_s+R_a+P.")
+    # --- supervised warm start before GRPO (l2a.sft; logged at steps -sft_steps+1..0) --------------
+    sft_steps: int = arg(128, "Supervised steps on the data's hindsight targets (the logged next question, or <stop />) before GRPO; 0 = none.")
+    sft_batch_size: int = arg(8, "Samples per supervised step.")
+    sft_learning_rate: float = arg(1e-4, "AdamW peak learning rate of the warm start, decayed to 0 by a cosine over sft_steps.")
+    sft_frozen_layers: int = arg(15, "Bottom decoder layers (and the embeddings) the warm start keeps fixed: about 3x faster steps; GRPO trains every weight.")
     # --- GRPO -------------------------------------------------------------------------------------
-    steps: int = arg(16, "Rollout batches, i.e. loop iterations, each of ppo_epochs x mini_batches optimizer steps (ignored when epochs is set).")
+    steps: int = arg(36, "Rollout batches, i.e. loop iterations, each of ppo_epochs x mini_batches optimizer steps (ignored when epochs is set).")
     epochs: int = arg(0, "Passes over train_file, the reference's total_epochs: when > 0, steps = ceil(epochs * train samples / prompts_per_step), computed and printed at start-up; 0 = use steps.")
     ppo_epochs: int = arg(1, "Passes over each rollout batch (the GRPO paper's mu, TRL's num_iterations, verl's ppo_epochs); 1 = on-policy, ratio 1.")
     mini_batches: int = arg(1, "Optimizer steps per pass: each process's groups split into this many equal slices, in order.")
     sync_interval: int = arg(1, "The rollout engine's weights are refreshed every k optimizer steps (Trinity-RFT's sync_interval), at the end of the rollout batch that reaches a multiple of k; 1 = every batch samples from the newest weights.")
-    learning_rate: float = arg(2e-5, "AdamW learning rate, constant (the paper: 5e-7 for 7B).")
+    learning_rate: float = arg(6e-5, "AdamW learning rate, constant (the paper: 5e-7 for 7B).")
     weight_decay: float = arg(0.0, "AdamW weight decay.")
     adv_scale: AdvantageScale = arg("group", "Advantage scaling: 'group' (GRPO), 'batch', or 'none' (Dr. GRPO).")
     clip_low: float = arg(0.2, "PPO clip: ratio floor is 1 - clip_low.")
@@ -118,8 +120,8 @@ class Config:
     tinker_loss_fn: Literal["importance_sampling", "ppo"] = arg("importance_sampling", "Tinker's built-in loss: 'importance_sampling' or 'ppo'.")
     tinker_checkpoint_ttl_hours: int = arg(168, "Tinker deletes a checkpoint's remote state and sampler weights this many hours after saving (0 = never; the final checkpoint's never). Resume before they expire.")
     # --- evaluation, logging, checkpoints -------------------------------------------------------
-    eval_every: int = arg(8, "Evaluate on held-out samples every N steps (and at the start and end); 0 = never.")
-    eval_samples: int = arg(24, "Held-out samples per evaluation (greedy decoding, one completion each).")
+    eval_every: int = arg(18, "Evaluate on held-out samples every N steps (and at the start and end); 0 = never.")
+    eval_samples: int = arg(64, "Held-out samples per evaluation (greedy decoding, one completion each), spread evenly over eval_file.")
     save_every: int = arg(0, "Write a checkpoint every N steps (0 = only at the end).")
     keep_checkpoints: int = arg(2, "Keep the newest N checkpoints.")
     resume: bool = arg(False, "Continue from the newest checkpoint in output_dir.")
@@ -135,12 +137,15 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.prompts_per_step % world or (cfg.prompts_per_step // world) % cfg.mini_batches:
         raise UserError(f"prompts_per_step={cfg.prompts_per_step} must be a multiple of the {world} processes times "
                         f"mini_batches={cfg.mini_batches} (each process's groups split evenly into mini-batches)")
+    if cfg.sft_steps and world > 1:
+        raise UserError("the warm start (sft_steps) runs in one process: run `python -m l2a.sft` first, then train "
+                        "from its checkpoint with --model <checkpoint> --sft_steps 0")
     train_samples = load_samples(cfg.train_file)
     if cfg.epochs:
         cfg.steps = steps_for_epochs(cfg.epochs, len(train_samples), cfg.prompts_per_step)
         accelerator.print(f"{cfg.epochs} epochs of {len(train_samples)} samples, {cfg.prompts_per_step} per step: "
                           f"{cfg.steps} steps")
-    eval_samples = load_samples(cfg.eval_file)[: cfg.eval_samples] if cfg.eval_every else []
+    eval_samples = evenly_spaced(load_samples(cfg.eval_file), cfg.eval_samples) if cfg.eval_every else []
     judge = make_judge(cfg.judge, cfg.judge_url, cfg.judge_model, cfg.judge_api_key_env, TRAINING_GRADER,
                        cfg.judge_concurrency)
     judge.preflight()  # an unreachable or unreadable grader fails here, not after hours of zero rewards
@@ -152,6 +157,8 @@ def main(argv: list[str] | None = None) -> None:
     log = MetricsLog(accelerator, cfg, resumed_at=start_step if resume_from else None)
 
     try:
+        if cfg.sft_steps and start_step == 0:  # a resumed run has it in its weights already
+            warm_start(policy, train_samples, eval_samples, judge, cfg, log)
         if eval_samples and start_step == 0:
             log(evaluate_heldout(policy, judge, eval_samples, cfg), step=0)
         progress = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps,
@@ -159,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
         for step in progress:
             t0, peaks = time.perf_counter(), DevicePeaks(accelerator.device)
             # ---- 1. rollouts: this process's share of the step's prompts, group_size completions each -----------
-            indices = prompts_for_step(len(train_samples), step, cfg.prompts_per_step, cfg.seed)
+            indices = batch_indices(len(train_samples), step, cfg.prompts_per_step, cfg.seed, stream="grpo")
             my_samples = [train_samples[i] for i in indices[rank::world]]
             sampling = SamplingConfig(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
                                       seed=cfg.seed * 1_000_003 + step * 1_009 + rank)
@@ -288,7 +295,15 @@ def check_config(cfg: Config) -> None:
                         "or sync_interval > 1 (a lagging HF sampler reports them; one that does not lag samples "
                         "from the trained weights themselves), and top_p 1 (a nucleus is not the trainer's "
                         "distribution)")
+    if cfg.sft_steps < 0 or (cfg.sft_steps and cfg.sft_batch_size < 1):
+        problems.append("sft_steps must be at least 0, and sft_batch_size at least 1")
+    if cfg.sft_steps and cfg.kl_coef != 0:
+        problems.append("kl_coef > 0 with a warm start would anchor GRPO to the model before it (the reference is "
+                        "loaded from `model`): run `python -m l2a.sft` first, then train from its checkpoint with "
+                        "--model <checkpoint> --sft_steps 0")
     if cfg.backend == "tinker":
+        if cfg.sft_steps:
+            problems.append("backend tinker has no warm start: set sft_steps to 0")
         if cfg.kl_coef != 0:
             problems.append("backend tinker has no KL term (its losses take no reference model): set kl_coef to 0")
         if cfg.clip_ratio_c is not None:
@@ -330,6 +345,31 @@ def make_policy(cfg: Config, accelerator: Accelerator, resume_from: Path | None)
     return LocalPolicy(cfg, accelerator, resume_from)
 
 
+def warm_start(policy, train_samples: list[dict], eval_samples: list[dict], judge, cfg: Config, log: MetricsLog) -> None:
+    """Stage 0: ``sft_steps`` supervised steps (``l2a.sft``) on the hindsight targets, before GRPO.
+
+    Why: GRPO learns from differences within a group. The base model never samples ``<stop />``, so on a stop sample
+    every completion scores 0 and the group gives no gradient: RL cannot discover stopping. Imitating the logged next
+    turn (a question, or ``<stop />``) puts stopping among the samples; GRPO then has something to choose between,
+    and learns *when*. Logged as ``sft/*`` at steps -sft_steps+1 .. 0, after a held-out evaluation of the base model
+    at step -sft_steps, so the curves show both stages on one axis.
+    """
+    from l2a.sft import SFTTrainer, cosine_learning_rate, frozen_layers
+
+    if eval_samples:
+        log(evaluate_heldout(policy, judge, eval_samples, cfg), step=-cfg.sft_steps)
+    model = policy.accelerator.unwrap_model(policy.model)
+    with frozen_layers(model, cfg.sft_frozen_layers):
+        trainer = SFTTrainer(model, policy.tokenizer, cfg.sft_learning_rate, max_grad_norm=cfg.max_grad_norm,
+                             train_mode=cfg.train_mode, bf16_autocast=cfg.dtype == "bfloat16")
+        for k in tqdm(range(cfg.sft_steps), desc="sft", disable=not policy.accelerator.is_main_process):
+            indices = batch_indices(len(train_samples), k, cfg.sft_batch_size, cfg.seed, stream="sft")
+            metrics = trainer.step([train_samples[i] for i in indices],
+                                   cosine_learning_rate(cfg.sft_learning_rate, k, cfg.sft_steps))
+            log({f"sft/{key}": value for key, value in metrics.items()}, step=k + 1 - cfg.sft_steps)
+    policy.sync_sampler()  # the rollout engine (vLLM, or the bf16 replica) samples the warm-started weights
+
+
 class MetricsLog:
     """``metrics.jsonl`` (one JSON line per logged step) and accelerate's trackers (``log_with``).
 
@@ -345,9 +385,8 @@ class MetricsLog:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if resumed_at is None:
                 self.path.unlink(missing_ok=True)
-            elif self.path.exists():
-                kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= resumed_at]
-                self.path.write_text("".join(line + "\n" for line in kept))
+            else:
+                truncate_metrics(self.path, resumed_at)
 
     def __call__(self, metrics: dict, step: int) -> None:
         self.accelerator.log(metrics, step=step)
@@ -412,23 +451,12 @@ class DevicePeaks:
             torch.cuda.reset_peak_memory_stats(self.device)
 
 
-def prompts_for_step(num_samples: int, step: int, per_step: int, seed: int) -> list[int]:
-    """Sample indices of a step: a fresh permutation per epoch, a pure function of (seed, step), so a resumed
-    run continues with exactly the prompts it would have seen."""
-    indices = []
-    for position in range(step * per_step, (step + 1) * per_step):
-        epoch, offset = divmod(position, num_samples)
-        generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        indices.append(int(torch.randperm(num_samples, generator=generator, device="cpu")[offset]))
-    return indices
-
-
 def steps_for_epochs(epochs: int, num_samples: int, per_step: int) -> int:
     """Optimizer steps for ``epochs`` passes over ``num_samples`` prompts, ``per_step`` a step, rounded up:
 
         steps = ceil(epochs * num_samples / per_step)      e.g. 4 epochs of 6,909 samples, 64 a step: 432
 
-    ``prompts_for_step`` runs on across epoch boundaries, so these steps draw every sample ``epochs`` times (the
+    ``l2a.data.batch_indices`` runs on across epoch boundaries, so these steps draw every sample ``epochs`` times (the
     last step may take a few prompts of the next epoch's order).
     """
     return -(-epochs * num_samples // per_step)

@@ -142,7 +142,7 @@ def l2a_worker(conn, settings: Settings) -> None:
     import torch
 
     import train
-    from l2a.data import load_samples
+    from l2a.data import batch_indices, load_samples
     from l2a.grpo import group_advantages
     from l2a.judges import TRAINING_GRADER, make_judge, score_responses
     from l2a.local_policy import LocalPolicy
@@ -170,7 +170,7 @@ def l2a_worker(conn, settings: Settings) -> None:
     conn.send(("ready", rss_mb()))
 
     def rollouts(step: int, seed: int):
-        batch = [samples[i] for i in train.prompts_for_step(len(samples), step, cfg.prompts_per_step, cfg.seed)]
+        batch = [samples[i] for i in batch_indices(len(samples), step, cfg.prompts_per_step, cfg.seed, stream="grpo")]
         sampling = SamplingConfig(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
                                   seed=seed)
         return batch, policy.generate([policy_messages(s["messages"]) for s in batch], cfg.group_size, sampling)
@@ -262,8 +262,7 @@ def trl_worker(conn, settings: Settings) -> None:
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    import train
-    from l2a.data import load_samples
+    from l2a.data import batch_indices, load_samples
     from l2a.model import load_model, load_tokenizer
     from l2a.prompts import policy_messages
     from l2a.judges import RubricJudge, score_responses
@@ -273,7 +272,7 @@ def trl_worker(conn, settings: Settings) -> None:
     by_cid = {s["cid"]: s for s in samples}
     # The prompts of every step in train.py's order; TRL reads them in order (shuffle_dataset=False).
     order = [i for step in range(settings.total_steps)
-             for i in train.prompts_for_step(len(samples), step, settings.prompts, settings.seed)]
+             for i in batch_indices(len(samples), step, settings.prompts, settings.seed, stream="grpo")]
     dataset = Dataset.from_list([{"prompt": policy_messages(samples[i]["messages"]), "cid": samples[i]["cid"]}
                                  for i in order])
     judge = RubricJudge()

@@ -62,6 +62,15 @@ def load_trainer_state(checkpoint: str | Path, mmap: bool = False) -> dict:
     return torch.load(Path(checkpoint) / STATE_FILE, weights_only=True, mmap=mmap)
 
 
+def truncate_metrics(path: str | Path, step: int) -> None:
+    """Drop the lines of a ``metrics.jsonl`` logged after ``step``: a run resumed from the checkpoint of ``step``
+    then reads as if it had never stopped."""
+    path = Path(path)
+    if path.exists():
+        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in kept))
+
+
 def resume_position(checkpoint: str | Path) -> tuple[int, int]:
     """(step, skipped_steps) of a checkpoint, without loading its optimizer state."""
     state = load_trainer_state(checkpoint, mmap=True)

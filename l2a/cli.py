@@ -14,7 +14,8 @@ went on working after a SIGINT (the ``l2a.data prepare`` hang). SIGTERM, by defa
 message. Here both raise ``Interrupted`` wherever the main thread is, so ``finally`` blocks run, and every
 resumable output of l2a is written record by record, so nothing finished is lost.
 
-``parse_dataclass`` reads a config dataclass from defaults < a YAML file (``--config``) < command-line flags.
+``parse_dataclass`` reads a config dataclass from defaults < a YAML file (``--config``) < command-line flags;
+``arg`` declares one of its fields with the documentation ``--help`` shows.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from __future__ import annotations
 import signal
 import sys
 import typing
-from dataclasses import fields
+from dataclasses import field, fields
 from typing import Callable, TypeVar
 
 import yaml
@@ -69,6 +70,11 @@ def run_command(main: Callable[[], object], resume_hint: str | Callable[[], str]
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def arg(default, help: str):
+    """A config field with its documentation (shown by ``--help``)."""
+    return field(default=default, metadata={"help": help})
 
 
 def parse_dataclass(cls: type[T], argv: list[str]) -> T:

@@ -11,8 +11,9 @@ The pipeline of spec section 3, one function per step (and ``python -m l2a.data`
 3. ``extract_all``     an LLM (``LLMExtractor``) reads each future and lists the facts the doctor went on to
                        elicit (``info_set``); resumable, one JSONL record per finished sample. For synthetic
                        data ``oracle_facts`` reads them from the ground truth instead.
-4. ``build_dataset``   ``info_truth = ", ".join(info_set)``, drop continue samples that elicit nothing, and
-                       write ``train.jsonl`` / ``test.jsonl``, which ``load_samples`` reads back.
+4. ``build_dataset``   ``info_truth = ", ".join(info_set)``, drop continue samples that elicit nothing, add the
+                       hindsight ``target`` (what the doctor did next, for supervised fine-tuning), and write
+                       ``train.jsonl`` / ``test.jsonl``, which ``load_samples`` reads back.
 
 ``l2a.synthetic.synthesize_sessions`` generates the bundled offline dataset (``data/synthetic``) in the raw format.
 
@@ -22,7 +23,8 @@ File formats (one JSON object per line):
 - extraction:    ``{"cid": str, "info_set": [str, ...]}``, or ``{"cid", "info_set": null, "extract_error": str}``
                  for a sample whose every attempt failed (retried on the next run)
 - built sample:  ``{"cid", "session_id", "diagn", "messages" (role/content only), "decision_truth"
-                 ("continue" | "stop"), "info_truth" (str)}``
+                 ("continue" | "stop"), "info_truth" (str), "target" (str)}``; files written before ``target``
+                 existed load without it
 """
 
 from __future__ import annotations
@@ -50,9 +52,9 @@ from l2a.endpoint import (
     first_choice_text,
     run_async,
 )
-from l2a.prompts import extraction_messages
+from l2a.prompts import STOP_TOKEN, extraction_messages
 from l2a.reward import DECISIONS
-from l2a.synthetic import synthesize_sessions
+from l2a.synthetic import decision_baselines, synthesize_sessions
 
 if TYPE_CHECKING:
     import openai
@@ -68,7 +70,7 @@ CONSTRUCTIONS: dict[str, dict[str, Any]] = {
     "reference": {"context": "round", "trailing_doctor_round": True},
 }
 """How sessions become samples (``split_session``'s keyword arguments): ``prepare --construction``."""
-SAMPLE_KEYS = ("cid", "session_id", "diagn", "messages", "decision_truth", "info_truth")
+SAMPLE_KEYS = ("cid", "session_id", "diagn", "messages", "decision_truth", "info_truth", "target")
 
 
 class DataError(UserError):
@@ -186,7 +188,10 @@ def load_sessions(path: str | Path, skip_bad: bool = False) -> tuple[list[dict],
 
 
 def load_samples(path: str | Path) -> list[dict]:
-    """Read a built ``train.jsonl`` / ``test.jsonl``; any malformed line raises ``DataError("path:line: ...")``."""
+    """Read a built ``train.jsonl`` / ``test.jsonl``; any malformed line raises ``DataError("path:line: ...")``.
+
+    ``target`` is optional (files built before it existed have none; only supervised fine-tuning needs it).
+    """
     seen_cids: set[str] = set()
 
     def check(record: Any) -> str | None:
@@ -202,6 +207,8 @@ def load_samples(path: str | Path) -> list[dict]:
             return problem
         if record["decision_truth"] not in DECISIONS:
             return f"'decision_truth' must be 'continue' or 'stop', got {record['decision_truth']!r}"
+        if "target" in record and not isinstance(record["target"], str):
+            return f"'target' must be a string, got {_json_type(record['target'])}"
         if record["cid"] in seen_cids:
             return f"duplicate cid {record['cid']!r}"
         seen_cids.add(record["cid"])
@@ -259,6 +266,21 @@ def split_session(session: dict, context: str = "full", trailing_doctor_round: b
     return samples
 
 
+def hindsight_target(sample: dict) -> str:
+    """What the doctor did next, the target of supervised fine-tuning: ``<stop />`` for a stop sample; for a continue
+    sample the logged next doctor turn, i.e. the doctor messages of ``remaining`` before the next patient message,
+    joined by spaces (e.g. "Okay. Where exactly is the pain: the forehead or the temples?").
+    """
+    if sample["decision_truth"] == "stop":
+        return STOP_TOKEN
+    turn = []
+    for message in sample["remaining"]:
+        if message["role"] == "user":
+            break
+        turn.append(message["content"].strip())
+    return " ".join(text for text in turn if text)
+
+
 def split_by_session(sessions: list[dict], test_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
     """Deterministic train/test split of whole sessions (a session's samples never straddle the two).
 
@@ -273,6 +295,30 @@ def split_by_session(sessions: list[dict], test_fraction: float, seed: int) -> t
     train = [s for i, s in enumerate(sessions) if i not in test_index]
     test = [s for i, s in enumerate(sessions) if i in test_index]
     return train, test
+
+
+def batch_indices(num_samples: int, step: int, per_step: int, seed: int, stream: str) -> list[int]:
+    """The sample indices a training step uses: a fresh permutation per epoch, a pure function of (seed, stream,
+    step), so a resumed run continues with exactly the samples it would have seen. Each ``stream`` ("grpo",
+    "sft") has its own order, so GRPO's first prompts are not the ones a supervised warm start just fitted.
+    """
+    orders: dict[int, list[int]] = {}
+    indices = []
+    for position in range(step * per_step, (step + 1) * per_step):
+        epoch, offset = divmod(position, num_samples)
+        if epoch not in orders:
+            orders[epoch] = list(range(num_samples))
+            random.Random(f"{stream}-{seed}-{epoch}").shuffle(orders[epoch])  # a str seed is hashed the same everywhere
+        indices.append(orders[epoch][offset])
+    return indices
+
+
+def evenly_spaced(samples: list[dict], count: int) -> list[dict]:
+    """``count`` samples spread evenly over ``samples`` (all of them if there are no more): a held-out subset
+    drawn from many consultations, where the first ``count`` lines would come from a few consecutive ones."""
+    if count >= len(samples):
+        return list(samples)
+    return [samples[i * len(samples) // count] for i in range(count)]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -466,6 +512,7 @@ def build_dataset(samples: list[dict], info_sets: dict[str, list[str] | None],
             "messages": [{"role": m["role"], "content": m["content"]} for m in sample["messages"]],
             "decision_truth": sample["decision_truth"],
             "info_truth": info_truth,
+            "target": hindsight_target(sample),
         })
     return records, counts
 
@@ -504,11 +551,17 @@ def _synth(args: argparse.Namespace) -> None:
     sessions = synthesize_sessions(args.sessions, args.seed)
     write_jsonl(out / "sessions.jsonl", sessions)
     print(f"{out / 'sessions.jsonl'}: {len(sessions)} sessions, {len({s['diagn'] for s in sessions})} conditions")
+    kept = {}
     for name, part in zip(("train", "test"), split_by_session(sessions, args.test_fraction, args.seed)):
         samples = _split_all(part, "paper")
         # The oracle needs no LLM, hence no resumable extraction file either.
         info_sets = {sample["cid"]: oracle_facts(sample["remaining"]) for sample in samples}
-        _write_part(out, name, len(part), len(samples), *build_dataset(samples, info_sets))
+        records, counts = build_dataset(samples, info_sets)
+        _write_part(out, name, len(part), len(samples), records, counts)
+        cids = {record["cid"] for record in records}
+        kept[name] = [sample for sample in samples if sample["cid"] in cids]
+    baselines = decision_baselines(kept["train"], kept["test"])
+    print("test decision accuracy: " + ", ".join(f"{name} {value:.3f}" for name, value in baselines.items()))
 
 
 async def _extract_parts(samples: dict[str, list[dict]], args: argparse.Namespace,

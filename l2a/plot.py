@@ -1,4 +1,8 @@
-"""Training curves of a run as a PNG: ``python -m l2a.plot runs/default`` -> ``runs/default/curves.png``."""
+"""Training curves of a run as a PNG: ``python -m l2a.plot runs/default`` -> ``runs/default/curves.png``.
+
+train.py's supervised warm start is logged at steps -sft_steps+1..0 and GRPO at 1..steps, so every panel shows both
+stages on one axis (a dotted line at step 0 marks the switch); ``python -m l2a.sft`` runs have the SFT panel only.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ matplotlib.use("Agg")  # no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
 PANELS = [
+    ("Supervised warm start (SFT)", ["sft/loss", "sft/token_accuracy", "sft/decision_accuracy"]),
     ("Reward (train rollouts; eval/: held-out)", ["reward", "eval/reward"]),
     ("Reward parts (train rollouts)", ["decision_accuracy", "reward_content", "reward_format"]),
     ("Held-out decision accuracy", ["eval/decision_accuracy", "eval/stop_accuracy", "eval/ave_continue_decision"]),
@@ -42,13 +47,18 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     rows = read_metrics(run_dir)
     out = Path(out) if out else Path(run_dir) / "curves.png"
-    fig, axes = plt.subplots(2, 4, figsize=(20, 8))
+    fig, axes = plt.subplots(3, 3, figsize=(16, 12))
+    for ax in axes.flat[len(PANELS):]:
+        ax.axis("off")
+    warm_start = any(r["step"] < 0 for r in rows)
     for ax, (title, keys) in zip(axes.flat, PANELS):
         for key in keys:
             points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
             if points:
                 steps, values = zip(*points)
                 ax.plot(steps, values, marker="o" if key.startswith("eval/") else None, markersize=3, label=key)
+        if warm_start:
+            ax.axvline(0, color="grey", linestyle=":", linewidth=1)
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

@@ -33,8 +33,11 @@ from l2a.data import (
     DataError,
     ExtractionIncomplete,
     LLMExtractor,
+    batch_indices,
     build_dataset,
+    evenly_spaced,
     extract_all,
+    hindsight_target,
     load_samples,
     load_sessions,
     main,
@@ -47,7 +50,14 @@ from l2a.data import (
 )
 from l2a.endpoint import EndpointRefused
 from l2a.prompts import extraction_messages
-from l2a.synthetic import CONDITIONS, synthesize_sessions
+from l2a.synthetic import (
+    CONDITION_BY_NAME,
+    CONDITIONS,
+    _values,
+    decision_baselines,
+    pharmacist_stops,
+    synthesize_sessions,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parents[2] / "shared/data/realmedconv_samples"
@@ -97,6 +107,14 @@ def test_realmedconv_session_full_context():
         assert s["messages"] + s["remaining"] == session["messages"]
         assert s["messages"][-1]["role"] == "user" and s["session_id"] == 35310
     assert samples[-1]["remaining"] == [{"role": "assistant", "content": "<med_search>"}]
+    # Hindsight targets for SFT: the doctor's next turn (all its messages), or <stop />.
+    assert [hindsight_target(s) for s in samples[4:]] == [
+        "Does it affect your vision? Do you have eye pain? Itchy eyes? Foreign body sensation? Tears?",
+        "Okay Have you had any medical examinations or medication history? Any history of drug allergies or "
+        "chronic diseases?", "<stop />"]
+    assert session["messages"][23:25] == [{"role": "assistant", "content": "Okay"}, {"role": "assistant", "content": (
+        "Have you had any medical examinations or medication history? Any history of drug allergies or chronic "
+        "diseases?")}]
     # The documented context/future pair (called 35310_7 in the README) is round 2 of the code's numbering.
     pair = json.loads((FIXTURES / "context_future_pairs.jsonl").read_text())
     assert samples[1]["messages"] == pair["messages"]
@@ -156,6 +174,9 @@ def test_synthetic_split_prefix_stop_and_oracle():
         samples = split_session(session)
         questions = [m for m in session["messages"] if "elicits" in m]
         assert [s["decision_truth"] for s in samples] == ["continue"] * (len(samples) - 1) + ["stop"]
+        # Stopping is a consequence of the dialogue: the pharmacist stops exactly when the condition's needs are known.
+        assert [pharmacist_stops(s["diagn"], s["messages"]) for s in samples] == [
+            s["decision_truth"] == "stop" for s in samples]
         last_patient = max(i for i, m in enumerate(session["messages"]) if m["role"] == "user")
         assert len(samples[-1]["messages"]) == last_patient + 1
         for s in samples:
@@ -182,26 +203,66 @@ def test_synthesize_is_deterministic_and_well_formed(tmp_path):
     assert sessions == synthesize_sessions(600, seed=0)
     assert sessions != synthesize_sessions(600, seed=1)
     assert len(CONDITIONS) >= 30 and len({s["diagn"] for s in sessions}) == len(CONDITIONS)
+    for condition in CONDITIONS:  # three different fields, each with values to report
+        assert len(set(condition.needs)) == 3 and all(_values(condition, field) for field in condition.needs)
     write_jsonl(tmp_path / "raw.jsonl", sessions)
     assert load_sessions(tmp_path / "raw.jsonl") == (sessions, [])  # valid raw format, extra keys kept
-    openings = Counter()
+    openings, n_questions = Counter(), Counter()
     for session in sessions:
-        messages = session["messages"]
+        messages, needs = session["messages"], CONDITION_BY_NAME[session["diagn"]].needs
         questions = [m for m in messages if "elicits" in m]
-        assert 2 <= len(questions) <= 4
         fields = [q["elicits"][0].split(": ")[0] for q in questions]
-        assert len(set(fields)) == len(fields)  # never asks the same field twice
+        assert len(set(fields)) == len(fields) and set(fields) <= set(needs)  # asks only what is needed, once
+        # Every needed fact is stated exactly once, volunteered in the opening or answered, and nothing else is.
+        stated = [fact for m in messages for fact in m.get("states", [])]
+        assert sorted(fact.split(": ")[0] for fact in stated) == sorted(needs)
+        assert all(m["role"] == "user" for m in messages if "states" in m)
         for question, field in zip(questions, fields):
             assert question["role"] == "assistant" and len(question["elicits"]) == 1
             assert any(cue in question["content"].lower() for cue in CUES[field]), question["content"]
             answer = messages[messages.index(question) + 1]
-            assert answer["role"] == "user"
+            assert answer["role"] == "user" and answer["states"] == question["elicits"]
             assert question["elicits"][0].split(": ")[1] in answer["content"].lower()  # the answer states the fact
+        for message in messages[: messages.index(questions[0])]:  # volunteered facts are said, not just annotated
+            for fact in message.get("states", []):
+                assert fact.split(": ")[1] in message["content"].lower(), (fact, message["content"])
         assert messages[-1]["role"] == "assistant" and "elicits" not in messages[-1]
         patient_openers = sum(m["role"] == "user" for m in messages[: messages.index(questions[0])])
         openings[messages[0]["role"], patient_openers > 1] += 1
-    # Varied openings: greeting first or not, one or several patient messages.
+        n_questions[len(questions)] += 1
+    # Varied openings: greeting first or not, one or several patient messages; 1, 2 or 3 questions.
     assert set(openings) == {("user", False), ("user", True), ("assistant", False), ("assistant", True)}
+    assert set(n_questions) == {1, 2, 3}
+
+
+def test_decision_baselines_are_majority_votes_scored_on_test():
+    def sample(diagn: str, answers: int, known: list[str], decision: str) -> dict:
+        messages = [{"role": "user", "content": "opening", "states": [f"{k}: x" for k in known]}]
+        messages += [{"role": "assistant", "content": "q", "elicits": ["symptom: x"]}] * answers
+        return {"diagn": diagn, "messages": messages, "decision_truth": decision}
+
+    # Migraine needs nature, severity and other symptoms.
+    train = [sample("Migraine", 1, ["symptom nature"], "continue"), sample("Migraine", 1, ["symptom nature"], "continue"),
+             sample("Migraine", 1, ["symptom nature", "symptom severity", "symptom"], "stop")]
+    test = [sample("Migraine", 1, ["symptom nature"], "continue"),
+            sample("Migraine", 1, ["symptom nature", "symptom severity", "symptom"], "stop"),
+            sample("Migraine", 2, ["symptom"], "continue")]  # 2 answers: unseen in train, the overall majority
+    assert decision_baselines(train, test) == {"always_continue": 2 / 3, "majority_by_answers": 2 / 3,
+                                               "majority_by_condition_and_known": 1.0, "rule": 1.0}
+    test[0]["decision_truth"] = "stop"  # a label that breaks the rule is counted against it
+    assert decision_baselines(train, test)["rule"] == 2 / 3
+
+
+def test_readmes_state_the_bundled_data_baselines():
+    """The decision accuracies quoted in the READMEs are those of the bundled data."""
+    build = lambda part: [s for session in part for s in split_session(session)]  # noqa: E731
+    train, test = split_by_session(synthesize_sessions(600, seed=0), 0.2, seed=0)
+    baselines = decision_baselines(build(train), build(test))
+    assert baselines["rule"] == 1.0
+    for readme in (REPO / "README.md", REPO / "data/synthetic/README.md"):
+        text = readme.read_text()
+        for name in ("always_continue", "majority_by_answers", "majority_by_condition_and_known"):
+            assert f"{baselines[name]:.3f}" in text, (readme, name)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -241,8 +302,9 @@ def test_load_samples_validates(tmp_path):
     records, _ = build_dataset(samples, {s["cid"]: oracle_facts(s["remaining"]) for s in samples})
     write_jsonl(tmp_path / "train.jsonl", records)
     assert load_samples(tmp_path / "train.jsonl") == records
-    assert load_samples(FIXTURES / "labeled_samples.jsonl")[1]["cid"] == "206_1"
+    assert load_samples(FIXTURES / "labeled_samples.jsonl")[1]["cid"] == "206_1"  # built before targets: no target
     for broken, problem in [({**records[0], "decision_truth": "maybe"}, "'decision_truth' must be"),
+                            ({**records[0], "cid": "x", "target": None}, "'target' must be a string"),
                             ({k: v for k, v in records[0].items() if k != "info_truth"}, "missing key 'info_truth'"),
                             (records[0], "duplicate cid")]:
         write_jsonl(tmp_path / "bad.jsonl", [records[0], broken])
@@ -259,7 +321,10 @@ def test_load_samples_validates(tmp_path):
 
 def test_build_filters_and_shapes_records():
     messages = [{"role": "user", "content": "a", "extra": 1}]
-    samples = [{"cid": c, "session_id": 7, "diagn": "d", "messages": messages, "remaining": [], "decision_truth": d}
+    future = [{"role": "assistant", "content": "Okay."}, {"role": "assistant", "content": "Where is it?"},
+              {"role": "user", "content": "Here."}, {"role": "assistant", "content": "How bad?"}]
+    samples = [{"cid": c, "session_id": 7, "diagn": "d", "messages": messages,
+                "remaining": future if d == "continue" else [], "decision_truth": d}
                for c, d in [("7_1", "continue"), ("7_2", "continue"), ("7_3", "stop"), ("7_4", "continue")]]
     info = {"7_1": ["symptom: cough", "symptom severity: mild"], "7_2": [], "7_3": [], "7_4": None}
     with pytest.raises(ExtractionIncomplete, match="7_4"):
@@ -268,7 +333,9 @@ def test_build_filters_and_shapes_records():
     assert counts == {"continue": 1, "stop": 1, "dropped_empty": 1, "dropped_failed": 1}
     assert [r["cid"] for r in records] == ["7_1", "7_3"]
     assert records[0] == {"cid": "7_1", "session_id": 7, "diagn": "d", "messages": [{"role": "user", "content": "a"}],
-                          "decision_truth": "continue", "info_truth": "symptom: cough, symptom severity: mild"}
+                          "decision_truth": "continue", "info_truth": "symptom: cough, symptom severity: mild",
+                          "target": "Okay. Where is it?"}  # the doctor's whole next turn, up to the patient's reply
+    assert records[1]["target"] == "<stop />"
     assert all(tuple(r) == SAMPLE_KEYS for r in records)
     with pytest.raises(ExtractionIncomplete):  # a sample never extracted counts as failed too
         build_dataset(samples[:1], {})
@@ -442,6 +509,7 @@ def test_cli_synth(tmp_path):
     done = run_cli("synth", "--out", str(tmp_path / "a"), "--sessions", "40", "--seed", "2")
     assert done.returncode == 0, done.stderr
     assert "40 sessions" in done.stdout and "train.jsonl: " in done.stdout and "stop " in done.stdout
+    assert "test decision accuracy: always_continue " in done.stdout and "rule 1.000" in done.stdout
     assert main(["synth", "--out", str(tmp_path / "b"), "--sessions", "40", "--seed", "2"]) == 0
     for name in ("sessions.jsonl", "train.jsonl", "test.jsonl"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
@@ -449,6 +517,7 @@ def test_cli_synth(tmp_path):
     assert len({s["session_id"] for s in test}) == 8
     assert {s["session_id"] for s in train}.isdisjoint(s["session_id"] for s in test)
     assert all(s["info_truth"] for s in train if s["decision_truth"] == "continue")
+    assert all((s["target"] == "<stop />") == (s["decision_truth"] == "stop") and s["target"] for s in train)
 
 
 def test_bundled_synthetic_data_is_up_to_date(tmp_path):
@@ -578,3 +647,20 @@ def test_cli_interrupted_run_loses_nothing(tmp_path, signal_number, ignore_sigin
     continues = [s for s in samples if s["decision_truth"] == "continue"]
     assert set(first_run) | set(rerun) == {extraction_messages(s["remaining"])[-1]["content"] for s in continues}
     assert len(load_samples(out / "train.jsonl")) + len(load_samples(out / "test.jsonl")) == len(samples)
+
+
+def test_batch_indices_walk_a_fresh_permutation_per_epoch():
+    """Steps of 3 over 7 samples: each epoch sees every sample once; the order is a pure function of (seed, stream,
+    step), so a resumed run draws the same batches, and the warm start's stream is not GRPO's."""
+    epochs = [sum((batch_indices(7, step, 1, 0, "grpo") for step in range(e * 7, e * 7 + 7)), []) for e in range(2)]
+    assert all(sorted(order) == list(range(7)) for order in epochs) and epochs[0] != epochs[1]
+    steps = [batch_indices(7, step, 3, 0, "grpo") for step in range(5)]
+    assert sum(steps, [])[:14] == epochs[0] + epochs[1]  # batches run on across the epoch boundary
+    assert steps == [batch_indices(7, step, 3, 0, "grpo") for step in range(5)]
+    assert batch_indices(7, 0, 7, 0, "sft") != epochs[0] and batch_indices(7, 0, 7, 1, "grpo") != epochs[0]
+
+
+def test_evenly_spaced_spreads_the_subset_over_the_file():
+    samples = [{"cid": str(i)} for i in range(10)]
+    assert [s["cid"] for s in evenly_spaced(samples, 4)] == ["0", "2", "5", "7"]
+    assert evenly_spaced(samples, 10) == samples and evenly_spaced(samples, 99) == samples

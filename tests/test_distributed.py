@@ -73,7 +73,8 @@ def seeded_by_prompt(self, chats, n, sampling):
 def train_args(model_dir, data: Path, judge_url: str) -> list[str]:
     return ["--model", str(model_dir), "--train_file", str(data), "--eval_file", str(data), "--eval_every", "0",
             "--prompts_per_step", "4", "--group_size", "3", "--max_new_tokens", "6", "--learning_rate", "1e-2",
-            "--kl_coef", "0.05", "--judge", "openai", "--judge_url", judge_url, "--dtype", "float64"]
+            "--kl_coef", "0.05", "--judge", "openai", "--judge_url", judge_url, "--dtype", "float64",
+            "--sft_steps", "0"]
 
 
 @pytest.fixture(scope="module")

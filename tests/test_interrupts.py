@@ -128,7 +128,7 @@ def test_training_stops_mid_step_and_resumes(signum, ignore_sigint, tiny_model_d
     with ChatStub(hanging_after(1 + 2 * per_step, _grade)) as judge:  # 1: the judge's preflight request
         args = ["--model", str(tiny_model_dir), "--train_file", str(data), "--eval_file", str(data),
                 "--output_dir", str(out), "--prompts_per_step", "2", "--group_size", "3", "--max_new_tokens", "6",
-                "--steps", "4", "--eval_every", "0", "--save_every", "1", "--judge", "openai",
+                "--steps", "4", "--eval_every", "0", "--save_every", "1", "--sft_steps", "0", "--judge", "openai",
                 "--judge_url", judge.base_url]
         with spawned(python("train.py", *args), ignore_sigint=ignore_sigint,
                      env=command_env(OPENAI_API_KEY="k")) as process:

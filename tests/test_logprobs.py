@@ -190,7 +190,7 @@ def test_a_training_step_makes_every_tensor_on_its_inputs_device(tiny_model_dir,
         train.main(["--model", str(tiny_model_dir), "--train_file", str(data), "--eval_file", str(data),
                     "--output_dir", str(tmp_path / "run"), "--steps", "1", "--prompts_per_step", "2",
                     "--group_size", "2", "--max_new_tokens", "4", "--kl_coef", "0.1", "--eval_every", "1",
-                    "--logprob_chunk_tokens", "4", "--dtype", "bfloat16"])  # mixed precision: bf16 sampling copy too
+                    "--logprob_chunk_tokens", "4", "--dtype", "bfloat16", "--sft_steps", "0"])  # mixed precision: bf16 sampling copy too
     assert watch.strays == [], watch.strays
 
 

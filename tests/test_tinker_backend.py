@@ -471,7 +471,7 @@ def world(tiny_model_dir, tiny_layers, tmp_path, monkeypatch) -> FakeTinker:
 def _args(model_dir, data: Path, out: Path, *extra: str) -> list[str]:
     return ["--backend", "tinker", "--model", str(model_dir), "--train_file", str(data), "--eval_file", str(data),
             "--output_dir", str(out), "--prompts_per_step", "2", "--group_size", "3", "--max_new_tokens", "12",
-            "--judge", "rubric", "--eval_samples", "4", *extra]
+            "--judge", "rubric", "--eval_samples", "4", "--sft_steps", "0", *extra]
 
 
 def _rows(out: Path) -> list[dict]:

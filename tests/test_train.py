@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM
 
 import train
 from l2a.cli import UserError
+from l2a.sft import main as sft_main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,8 +29,9 @@ def _sample(i: int, decision: str) -> dict:
         {"role": "user", "content": "Mostly the temples."},
     ]
     info = "" if decision == "stop" else "symptom severity: moderate, symptom trigger: screen work"
+    target = "<stop />" if decision == "stop" else "How severe is the headache: mild, moderate or severe?"
     return {"cid": f"s{i}_1", "session_id": f"s{i}", "diagn": "tension headache", "messages": messages,
-            "decision_truth": decision, "info_truth": info}
+            "decision_truth": decision, "info_truth": info, "target": target}
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +50,7 @@ def data_files(tmp_path_factory) -> dict[str, Path]:
 def _args(model_dir, data: Path, out: Path, *extra: str) -> list[str]:
     return ["--model", str(model_dir), "--train_file", str(data), "--eval_file", str(data), "--output_dir", str(out),
             "--prompts_per_step", "2", "--group_size", "3", "--max_new_tokens", "6", "--micro_batch_size", "4",
-            "--learning_rate", "1e-2", "--eval_samples", "4", "--dtype", "float32", *extra]
+            "--learning_rate", "1e-2", "--eval_samples", "4", "--dtype", "float32", "--sft_steps", "0", *extra]
 
 
 def _grade(request: dict) -> str:
@@ -147,6 +149,39 @@ def test_kl_to_reference_is_logged(tiny_model_dir, data_files, judge_url, tmp_pa
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["kl_mean"] == pytest.approx(0.0, abs=1e-6)  # step 1: the policy is still the reference
     assert rows[1]["kl_mean"] > 1e-6  # after one update with lr 1e-2 it has moved away
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_warm_start_is_l2a_sft_then_grpo_on_one_axis(tiny_model_dir, data_files, judge_url, tmp_path, monkeypatch,
+                                                     dtype):
+    """sft_steps > 0: l2a.sft's steps on the policy before GRPO, logged at steps -sft_steps+1..0 after a held-out
+    evaluation of the base model. With GRPO's learning rate 0, the final weights are exactly those of
+    `python -m l2a.sft` with the same settings: the warm start is that command's training, nothing else (in
+    bfloat16 too: the same autocast as GRPO's update, float32 weights)."""
+    monkeypatch.setenv("OPENAI_API_KEY", "test")
+    sft = ["--steps", "2", "--batch_size", "8", "--learning_rate", "1e-2", "--frozen_layers", "1", "--dtype", dtype]
+    sft_main(["--model", str(tiny_model_dir), "--train_file", str(data_files["mixed"]),
+              "--output_dir", str(tmp_path / "sft"), *sft])
+    out = tmp_path / "run"
+    train.main(_args(tiny_model_dir, data_files["mixed"], out, "--steps", "1", "--eval_every", "1",
+                     "--learning_rate", "0", *judge_url, "--sft_steps", "2", "--sft_batch_size", "8",
+                     "--sft_learning_rate", "1e-2", "--sft_frozen_layers", "1", "--dtype", dtype,
+                     "--eval_samples", "12"))  # all of them: 4 spread over 12 are the 4 stop samples
+
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], "sft/loss" in r, "eval/reward" in r, "reward" in r) for r in rows] == [
+        (-2, False, True, False), (-1, True, False, False), (0, True, False, False), (0, False, True, False),
+        (1, False, True, True)]
+    assert all(0 <= rows[i][f"sft/{key}"] <= 1 for i in (1, 2) for key in ("token_accuracy", "decision_accuracy"))
+    # the held-out answers after the warm start come from the warm-started weights (in bf16: a refreshed replica)
+    evaluations = [{k: v for k, v in rows[i].items() if k.startswith("eval/")} for i in (0, 3)]
+    assert evaluations[0] != evaluations[1]
+    warm = load_file(tmp_path / "sft/checkpoints/step-000002/model.safetensors")
+    final = load_file(out / "checkpoints/step-000001/model.safetensors")
+    initial = load_file(tiny_model_dir / "model.safetensors")
+    assert warm.keys() == final.keys() and all(torch.equal(warm[k], final[k]) for k in warm)
+    assert not all(torch.equal(warm[k], initial[k]) for k in warm)
+    assert (out / "curves.png").stat().st_size > 10_000
 
 
 def test_config_file_and_overrides(tmp_path):
@@ -343,7 +378,8 @@ def test_ppo_epochs_mini_batches_and_a_lagging_sampler_make_the_clips_bind(tiny_
     out = tmp_path / "run"
     train.main(_args(tiny_model_dir, data_files["mixed"], out, "--steps", "4", "--eval_every", "2",
                      "--ppo_epochs", "2", "--mini_batches", "2", "--sync_interval", "8", "--clip_ratio_c", "1.5",
-                     "--vllm_is_correction", "true", *judge_url))
+                     "--vllm_is_correction", "true", "--seed", "1", *judge_url))  # seed 0 draws a batch
+    # whose groups all have equal rewards (no gradient), which is not what this test is about
     rows = _rows(out)
     assert [r["step"] for r in rows] == [0, 1, 2, 3, 4] and "eval/reward" in rows[2] and "eval/reward" in rows[4]
     trained = rows[1:]
@@ -434,11 +470,12 @@ def test_a_lagging_sampler_resumes_exactly(tiny_model_dir, data_files, judge_url
     (["--ppo_epochs", "0"], "ppo_epochs must be at least 1"),
     (["--sync_interval", "0"], "sync_interval must be at least 1"),
     (["--clip_ratio_c", "1.0"], "clip_ratio_c must be > 1"),
-    (["--sync_interval", "3"], "eval_every=8 must be a multiple of 3"),
+    (["--sync_interval", "5"], "eval_every=18 must be a multiple of 5"),
     (["--sync_interval", "4", "--ppo_epochs", "2", "--eval_every", "0", "--save_every", "3"],
      "save_every=3 must be a multiple of 2"),
     (["--vllm_is_correction", "true"], "vllm_is_correction needs the sampler's log-probabilities"),
     (["--vllm_is_correction", "true", "--sync_interval", "2", "--top_p", "0.9"], "and top_p 1"),
+    (["--kl_coef", "0.01"], "kl_coef > 0 with a warm start would anchor GRPO to the model before it"),
 ])
 def test_settings_that_do_not_fit_together_are_refused(flags, problem):
     with pytest.raises(UserError, match=problem):

@@ -77,7 +77,8 @@ def test_engine_is_synced_every_sync_interval_steps(sync_interval, tiny_model_di
                 "--group_size", "3", "--max_new_tokens", "6", "--micro_batch_size", "3", "--learning_rate", "1e-2",
                 "--judge", "openai", "--judge_url", stub.base_url, "--rollout_engine", "vllm",
                 "--vllm_kv_cache_gb", "0.03125", "--vllm_is_correction", "true", "--dtype", "float32",
-                "--sync_interval", str(sync_interval),
+                "--sft_steps", "0", "--sync_interval", str(sync_interval),
+                "--seed", "1",  # seed 0 draws a batch whose groups all have equal rewards: no gradient to check
             ])
         except BaseException:
             for engine in engines:  # in-process: frees the torch.distributed group vLLM made in this process
