@@ -354,7 +354,7 @@ def warm_start(policy, train_samples: list[dict], eval_samples: list[dict], judg
     and learns *when*. Logged as ``sft/*`` at steps -sft_steps+1 .. 0, after a held-out evaluation of the base model
     at step -sft_steps, so the curves show both stages on one axis.
     """
-    from l2a.sft import SFTTrainer, cosine_learning_rate, frozen_layers
+    from l2a.sft import SFTTrainer, frozen_layers
 
     if eval_samples:
         log(evaluate_heldout(policy, judge, eval_samples, cfg), step=-cfg.sft_steps)
@@ -363,9 +363,7 @@ def warm_start(policy, train_samples: list[dict], eval_samples: list[dict], judg
         trainer = SFTTrainer(model, policy.tokenizer, cfg.sft_learning_rate, max_grad_norm=cfg.max_grad_norm,
                              train_mode=cfg.train_mode, bf16_autocast=cfg.dtype == "bfloat16")
         for k in tqdm(range(cfg.sft_steps), desc="sft", disable=not policy.accelerator.is_main_process):
-            indices = batch_indices(len(train_samples), k, cfg.sft_batch_size, cfg.seed, stream="sft")
-            metrics = trainer.step([train_samples[i] for i in indices],
-                                   cosine_learning_rate(cfg.sft_learning_rate, k, cfg.sft_steps))
+            metrics = trainer.scheduled_step(train_samples, k, cfg.sft_steps, cfg.sft_batch_size, cfg.seed)
             log({f"sft/{key}": value for key, value in metrics.items()}, step=k + 1 - cfg.sft_steps)
     policy.sync_sampler()  # the rollout engine (vLLM, or the bf16 replica) samples the warm-started weights
 

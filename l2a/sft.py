@@ -225,10 +225,18 @@ class SFTTrainer:
                  weight_decay: float = 0.0, max_grad_norm: float = 1.0, train_mode: str = "Ra+Rs",
                  bf16_autocast: bool = False):
         self.model, self.tokenizer, self.train_mode = model, tokenizer, train_mode
+        self.peak_learning_rate = learning_rate
         self.max_grad_norm, self.bf16_autocast = max_grad_norm, bf16_autocast
         self.parameters = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.parameters, lr=learning_rate, weight_decay=weight_decay, fused=True)
         self.stop_token_id = tokenizer(STOP_TOKEN, add_special_tokens=False)["input_ids"][0]
+
+    def scheduled_step(self, samples: list[dict], step: int, steps: int, batch_size: int, seed: int) -> dict[str, float]:
+        """Step ``step`` (0-based) of a run of ``steps``: its batch of ``samples`` (``batch_indices``, stream "sft")
+        at its point of the cosine (``cosine_learning_rate``). ``python -m l2a.sft`` and train.py's warm start both
+        step through this, so the two draw the same batches at the same rates."""
+        batch = [samples[i] for i in batch_indices(len(samples), step, batch_size, seed, stream="sft")]
+        return self.step(batch, cosine_learning_rate(self.peak_learning_rate, step, steps))
 
     def step(self, samples: list[dict], learning_rate: float | None = None) -> dict[str, float]:
         """One optimizer step on ``samples`` (at ``learning_rate`` if given, e.g. ``cosine_learning_rate``'s);
@@ -290,9 +298,8 @@ def main(argv: list[str] | None = None) -> None:
             metrics.unlink(missing_ok=True)
         metrics.parent.mkdir(parents=True, exist_ok=True)
         for step in range(start, cfg.steps):
-            batch = [samples[i] for i in batch_indices(len(samples), step, cfg.batch_size, cfg.seed, stream="sft")]
-            lr = cosine_learning_rate(cfg.learning_rate, step, cfg.steps)
-            row = {"step": step + 1, **{f"sft/{key}": value for key, value in trainer.step(batch, lr).items()}}
+            measured = trainer.scheduled_step(samples, step, cfg.steps, cfg.batch_size, cfg.seed)
+            row = {"step": step + 1, **{f"sft/{key}": value for key, value in measured.items()}}
             with metrics.open("a") as f:
                 f.write(json.dumps(row) + "\n")
             print(f"step {step + 1}/{cfg.steps}: loss {row['sft/loss']:.3f}, decision accuracy "
