@@ -30,7 +30,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import matplotlib
 
@@ -53,9 +53,10 @@ from l2a.metrics import (  # noqa: E402
 )
 from l2a.prompts import policy_messages  # noqa: E402
 from l2a.reward import DECISIONS  # noqa: E402
+from l2a.sampling import EMBEDDED_DEFAULT, SamplingConfig  # noqa: E402
 
-if TYPE_CHECKING:  # l2a.model and l2a.rollout import torch: loaded only when a run needs them (not for `compare`)
-    from l2a.rollout import SamplingConfig
+# l2a.model and l2a.rollout import torch and transformers: loaded only when a local model is used (make_policy), not
+# to evaluate a served policy, nor for `compare`.
 
 log = logging.getLogger(__name__)
 
@@ -462,8 +463,6 @@ def make_policy(args: argparse.Namespace, sampling: SamplingConfig) -> Policy:
 
 
 def run_parser() -> argparse.ArgumentParser:
-    from l2a.model import EMBEDDED_DEFAULT
-
     p = argparse.ArgumentParser(
         prog="python -m l2a.evaluate",
         description="Rollout-then-evaluate (spec section 8): sample N responses per test sample, grade them, "
@@ -530,8 +529,6 @@ def compare_parser() -> argparse.ArgumentParser:
 
 
 def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    from l2a.model import EMBEDDED_DEFAULT
-
     if args.policy_url and args.model:
         parser.error("give --model or --policy-url, not both")
     if args.policy_url and not args.policy_model:
@@ -570,8 +567,6 @@ def settings_of(args: argparse.Namespace) -> dict[str, dict]:
 
 def run(args: argparse.Namespace) -> dict:
     """All three stages; returns the saved result ``{name, metrics, counts, settings, timing}``."""
-    from l2a.rollout import SamplingConfig
-
     began = time.perf_counter()
     out = Path(args.out)
     try:

