@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,12 +58,22 @@ def python(*args: str) -> list[str]:
     return [sys.executable, *args]
 
 
-def stop_and_wait(process: subprocess.Popen, signum: int, within: float) -> tuple[str, float]:
-    """Send ``signum``; return (stderr, seconds until the process ended). Fails if it takes over ``within`` s.
+@dataclass
+class Stopped:
+    """How a process ended after a signal: its stderr, the seconds it took, and the CPU seconds it used meanwhile
+    (nan without /proc). Far less CPU than seconds means it was kept waiting, for a CPU on a loaded machine or on
+    something it waited for."""
+    stderr: str
+    seconds: float
+    cpu_seconds: float
 
-    Also sets ``process.stop_cpu_seconds``: the CPU time the process used meanwhile (nan without /proc). Far less
-    than the seconds it took means it was kept waiting, for a CPU on a loaded machine or on something it waited for.
-    """
+    def timing(self) -> str:
+        return (f"took {self.seconds:.1f} s to stop, using {self.cpu_seconds:.1f} s of CPU "
+                f"(load average {load_average()})")
+
+
+def stop_and_wait(process: subprocess.Popen, signum: int, within: float) -> Stopped:
+    """Send ``signum`` and wait for the process to end. Fails if it takes over ``within`` s."""
     before = _cpu_seconds(process.pid)
     reaped_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.monotonic()
@@ -74,9 +85,9 @@ def stop_and_wait(process: subprocess.Popen, signum: int, within: float) -> tupl
                              f"(load average {load_average()})") from None
     seconds = time.monotonic() - started
     reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
-    process.stop_cpu_seconds = math.nan if before is None else (
+    cpu_seconds = math.nan if before is None else (
         reaped.ru_utime + reaped.ru_stime - reaped_before.ru_utime - reaped_before.ru_stime - before)
-    return stderr, seconds
+    return Stopped(stderr, seconds, cpu_seconds)
 
 
 def _cpu_seconds(pid: int) -> float | None:

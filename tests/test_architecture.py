@@ -7,6 +7,7 @@ import json
 
 import pytest
 from subprocesses import command_env, python, run_to_end
+from test_evaluate import SAMPLES
 
 
 def loaded_with(module: str) -> set[str]:
@@ -26,11 +27,8 @@ def test_evaluating_a_served_policy_loads_neither_torch_nor_transformers(tmp_pat
     """``python -m l2a.evaluate --policy-url`` only talks to endpoints. Loading torch and transformers would cost it
     seconds of CPU at the start and more than a second at the exit, most of what a Ctrl-C takes (on a loaded
     machine, longer than tests/test_interrupts.py allows: issue 10)."""
-    sample = {"cid": "1_2", "session_id": 1, "diagn": "Common cold", "decision_truth": "stop", "info_truth": "",
-              "messages": [{"role": "user", "content": "I have a headache."},
-                           {"role": "assistant", "content": "Where is the headache?"},
-                           {"role": "user", "content": "On the forehead, moderate."}]}
-    (tmp_path / "test.jsonl").write_text(json.dumps(sample) + "\n")
+    stop_sample = next(s for s in SAMPLES if s["decision_truth"] == "stop")
+    (tmp_path / "test.jsonl").write_text(json.dumps(stop_sample) + "\n")
     script = f"""
 import json, sys
 sys.path.insert(0, "tests")

@@ -627,11 +627,13 @@ def test_cli_interrupted_run_loses_nothing(tmp_path, signal_number, ignore_sigin
         # generous: on a loaded 2-core machine the start-up alone can take a while
         wait_until(lambda: extracted.exists() and extracted.read_text().count('"info_set": ["') >= 3, 120, process,
                    "three extractions")
-        stderr, seconds = stop_and_wait(process, signal_number, within=30)
+        stopped = stop_and_wait(process, signal_number, within=30)
+    stderr = stopped.stderr
     if signal_number == signal.SIGKILL:
         assert process.returncode == -signal.SIGKILL
     else:
-        assert process.returncode == 128 + signal_number and seconds < 10, (process.returncode, seconds, stderr)
+        assert process.returncode == 128 + signal_number and stopped.seconds < 10, \
+            (process.returncode, stopped.timing(), stderr)
         assert f"interrupted ({signal.Signals(signal_number).name}): finished extractions are saved" in stderr
         assert "Traceback" not in stderr
     saved = read_extractions(extracted)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from openai_stub import ChatStub, Reply
-from subprocesses import command_env, load_average, python, spawned, stop_and_wait, wait_until
+from subprocesses import command_env, python, spawned, stop_and_wait, wait_until
 from test_evaluate import GOOD_GRADE, SAMPLES, policy_reply
 from test_train import _grade, _sample
 
@@ -38,10 +38,10 @@ def lines(path: Path) -> list[dict]:
 
 
 def stop(process, signum: int) -> str:
-    stderr, seconds = stop_and_wait(process, signum, within=60)
+    stopped = stop_and_wait(process, signum, within=60)
+    stderr = stopped.stderr
     assert process.returncode == 128 + signum, (process.returncode, stderr[-3000:])
-    assert seconds < STOP_SECONDS, (f"took {seconds:.1f} s to stop, using {process.stop_cpu_seconds:.1f} s of CPU "
-                                    f"(load average {load_average()})")
+    assert stopped.seconds < STOP_SECONDS, stopped.timing()
     assert f"interrupted ({signal.Signals(signum).name}):" in stderr and "Traceback" not in stderr, stderr[-3000:]
     return stderr
 
