@@ -94,6 +94,7 @@ class Config:
     sft_steps: int = arg(128, "Supervised steps on the data's hindsight targets (the logged next question, or <stop />) before GRPO; 0 = none.")
     sft_batch_size: int = arg(8, "Samples per supervised step.")
     sft_learning_rate: float = arg(1e-4, "AdamW peak learning rate of the warm start, decayed to 0 by a cosine over sft_steps.")
+    sft_decision_weight: float = arg(1.0, "Weight of the warm start's binary stop/continue loss on the first answer token (l2a.sft's decision_weight); 0 = plain SFT.")
     sft_frozen_layers: int = arg(15, "Bottom decoder layers (and the embeddings) the warm start keeps fixed: about 3x faster steps; GRPO trains every weight.")
     # --- GRPO -------------------------------------------------------------------------------------
     steps: int = arg(36, "Rollout batches, i.e. loop iterations, each of ppo_epochs x mini_batches optimizer steps (ignored when epochs is set).")
@@ -101,7 +102,7 @@ class Config:
     ppo_epochs: int = arg(1, "Passes over each rollout batch (the GRPO paper's mu, TRL's num_iterations, verl's ppo_epochs); 1 = on-policy, ratio 1.")
     mini_batches: int = arg(1, "Optimizer steps per pass: each process's groups split into this many equal slices, in order.")
     sync_interval: int = arg(1, "The rollout engine's weights are refreshed every k optimizer steps (Trinity-RFT's sync_interval), at the end of the rollout batch that reaches a multiple of k; 1 = every batch samples from the newest weights.")
-    learning_rate: float = arg(6e-5, "AdamW learning rate, constant (the paper: 5e-7 for 7B).")
+    learning_rate: float = arg(1e-5, "AdamW learning rate, constant (the paper: 5e-7 for 7B).")
     weight_decay: float = arg(0.0, "AdamW weight decay.")
     adv_scale: AdvantageScale = arg("group", "Advantage scaling: 'group' (GRPO), 'batch', or 'none' (Dr. GRPO).")
     clip_low: float = arg(0.2, "PPO clip: ratio floor is 1 - clip_low.")
@@ -295,8 +296,8 @@ def check_config(cfg: Config) -> None:
                         "or sync_interval > 1 (a lagging HF sampler reports them; one that does not lag samples "
                         "from the trained weights themselves), and top_p 1 (a nucleus is not the trainer's "
                         "distribution)")
-    if cfg.sft_steps < 0 or (cfg.sft_steps and cfg.sft_batch_size < 1):
-        problems.append("sft_steps must be at least 0, and sft_batch_size at least 1")
+    if cfg.sft_steps < 0 or (cfg.sft_steps and cfg.sft_batch_size < 1) or cfg.sft_decision_weight < 0:
+        problems.append("sft_steps and sft_decision_weight must be at least 0, and sft_batch_size at least 1")
     if cfg.sft_steps and cfg.kl_coef != 0:
         problems.append("kl_coef > 0 with a warm start would anchor GRPO to the model before it (the reference is "
                         "loaded from `model`): run `python -m l2a.sft` first, then train from its checkpoint with "
@@ -361,7 +362,8 @@ def warm_start(policy, train_samples: list[dict], eval_samples: list[dict], judg
     model = policy.accelerator.unwrap_model(policy.model)
     with frozen_layers(model, cfg.sft_frozen_layers):
         trainer = SFTTrainer(model, policy.tokenizer, cfg.sft_learning_rate, max_grad_norm=cfg.max_grad_norm,
-                             train_mode=cfg.train_mode, bf16_autocast=cfg.dtype == "bfloat16")
+                             train_mode=cfg.train_mode, bf16_autocast=cfg.dtype == "bfloat16",
+                             decision_weight=cfg.sft_decision_weight)
         for k in tqdm(range(cfg.sft_steps), desc="sft", disable=not policy.accelerator.is_main_process):
             metrics = trainer.scheduled_step(train_samples, k, cfg.sft_steps, cfg.sft_batch_size, cfg.seed)
             log({f"sft/{key}": value for key, value in metrics.items()}, step=k + 1 - cfg.sft_steps)

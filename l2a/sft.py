@@ -3,9 +3,17 @@
 Every built sample carries ``target``, what the doctor actually did next (``l2a.data.hindsight_target``): the logged
 next question of a continue sample, ``<stop />`` of a stop sample. SFT imitates it. The model reads the policy prompt
 (``policy_messages``, rendered by the chat template as in rollouts) and the loss is the cross-entropy of the target
-tokens and the end-of-turn token only, averaged over the batch's target tokens:
+tokens and the end-of-turn token only, averaged over the batch's target tokens, plus the stop/continue decision as
+a binary choice, weighted by ``decision_weight`` (lambda):
 
     loss = -(1 / N) * sum over samples i, target tokens t of  log pi(y_i,t | prompt_i, y_i,<t)
+           - lambda * (1 / B) * sum over samples i of  log p_i(d_i),   p_i(stop) = pi(first token of <stop /> | prompt_i)
+
+where d_i is sample i's decision and p_i(continue) = 1 - p_i(stop). Why the second term: the decision is one token
+in ~20, and in the token cross-entropy a continue sample's first token is a particular question word ("What",
+"Where", ...), so the continue side's probability is spread over many words while ``<stop`` is one: an unsure model
+stops under greedy decoding. The binary term trains stop against all of continue. On the embedded default
+(128 steps) it took held-out greedy decision accuracy from 0.80 to 0.87 (all 416 test samples; the README).
 
 Two exact savings and one choice make a step cheap on a CPU:
 
@@ -65,6 +73,7 @@ class SFTConfig:
     learning_rate: float = arg(1e-4, "AdamW peak learning rate, decayed to 0 over the steps by a cosine.")
     weight_decay: float = arg(0.0, "AdamW weight decay.")
     max_grad_norm: float = arg(1.0, "Gradient norm clip.")
+    decision_weight: float = arg(1.0, "Weight lambda of the binary stop/continue cross-entropy of the first answer token, added to the token cross-entropy; 0 = plain SFT.")
     frozen_layers: int = arg(15, "Bottom decoder layers kept fixed, with the embeddings (tied to the output layer in SmolLM2); 0 trains every weight.")
     save_every: int = arg(0, "Write a checkpoint every N steps (0 = only at the end).")
     keep_checkpoints: int = arg(2, "Keep the newest N checkpoints.")
@@ -158,8 +167,10 @@ def target_logits(model: PreTrainedModel, batch: SFTBatch) -> tuple[torch.Tensor
     return head(hidden[:, :-1][predicts_target]), batch.rest_ids[:, 1:][predicts_target]
 
 
-def sft_loss(model: PreTrainedModel, batch: SFTBatch, stop_token_id: int) -> tuple[torch.Tensor, dict[str, float]]:
-    """Mean cross-entropy over the batch's target tokens, and statistics of the step:
+def sft_loss(model: PreTrainedModel, batch: SFTBatch, stop_token_id: int,
+             decision_weight: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+    """Mean cross-entropy over the batch's target tokens plus ``decision_weight`` times the mean binary cross-entropy
+    of each row's decision (the module's equation), and statistics of the step:
 
     - ``token_accuracy``: share of target tokens that are the argmax (teacher-forced);
     - ``decision_accuracy``: share of samples whose argmax first token decides right: the first token of
@@ -168,16 +179,25 @@ def sft_loss(model: PreTrainedModel, batch: SFTBatch, stop_token_id: int) -> tup
     """
     logits, labels = target_logits(model, batch)
     # At least float32 for the log-softmax (half-precision logits lose the small probabilities), never less.
-    loss = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), labels)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    # The first target token of each row: its position among the N selected ones.
+    per_row = batch.target_mask[:, 1:].sum(1)
+    first = torch.cumsum(per_row, 0) - per_row
+    is_stop = batch.is_stop.to(logits.device)
+    loss = F.cross_entropy(logits, labels)
+    if decision_weight:
+        log_p = F.log_softmax(logits[first], dim=-1)
+        log_p_stop = log_p[:, stop_token_id]
+        # log(1 - p_stop) as the log of every other token's probability summed: no cancellation where p_stop ~ 1
+        log_p_continue = torch.logsumexp(
+            log_p.index_fill(1, torch.tensor([stop_token_id], device=log_p.device), -math.inf), dim=-1)
+        loss = loss - decision_weight * torch.where(is_stop, log_p_stop, log_p_continue).mean()
     with torch.no_grad():
         predicted = logits.argmax(-1)
-        # The first target token of each row: its position among the N selected ones.
-        per_row = batch.target_mask[:, 1:].sum(1)
-        first = torch.cumsum(per_row, 0) - per_row
         says_stop = predicted[first] == stop_token_id
         stats = {
             "token_accuracy": (predicted == labels).float().mean().item(),
-            "decision_accuracy": (says_stop == batch.is_stop.to(says_stop.device)).float().mean().item(),
+            "decision_accuracy": (says_stop == is_stop).float().mean().item(),
             "target_tokens": float(labels.numel()),
         }
     return loss, stats
@@ -223,8 +243,9 @@ class SFTTrainer:
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, learning_rate: float,
                  weight_decay: float = 0.0, max_grad_norm: float = 1.0, train_mode: str = "Ra+Rs",
-                 bf16_autocast: bool = False):
+                 bf16_autocast: bool = False, decision_weight: float = 0.0):
         self.model, self.tokenizer, self.train_mode = model, tokenizer, train_mode
+        self.decision_weight = decision_weight
         self.peak_learning_rate = learning_rate
         self.max_grad_norm, self.bf16_autocast = max_grad_norm, bf16_autocast
         self.parameters = [p for p in model.parameters() if p.requires_grad]
@@ -252,7 +273,7 @@ class SFTTrainer:
         batch = SFTBatch(**{name: value.to(device) for name, value in vars(batch).items()})
         # Mixed precision as in GRPO's update: matrix products in bf16, the float32 weights and optimizer unchanged.
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16_autocast):
-            loss, stats = sft_loss(self.model, batch, self.stop_token_id)
+            loss, stats = sft_loss(self.model, batch, self.stop_token_id, self.decision_weight)
         loss.backward()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.parameters, self.max_grad_norm))
         if math.isfinite(grad_norm):  # a non-finite gradient would poison the weights and Adam's moments
@@ -269,8 +290,8 @@ class SFTTrainer:
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_dataclass(SFTConfig, sys.argv[1:] if argv is None else argv)
-    if cfg.steps < 1 or cfg.batch_size < 1 or cfg.keep_checkpoints < 1:
-        raise UserError("steps, batch_size and keep_checkpoints must be at least 1")
+    if cfg.steps < 1 or cfg.batch_size < 1 or cfg.keep_checkpoints < 1 or cfg.decision_weight < 0:
+        raise UserError("steps, batch_size and keep_checkpoints must be at least 1, decision_weight at least 0")
     samples = load_samples(cfg.train_file)
     start, resume_from = 0, latest_checkpoint(cfg.output_dir) if cfg.resume else None
     path = str(resume_from) if resume_from else cfg.model
@@ -286,7 +307,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"resuming from {resume_from} (step {start})")
     with frozen_layers(model, cfg.frozen_layers):
         trainer = SFTTrainer(model, tokenizer, cfg.learning_rate, cfg.weight_decay, cfg.max_grad_norm, cfg.train_mode,
-                             bf16_autocast=cfg.dtype == "bfloat16")
+                             bf16_autocast=cfg.dtype == "bfloat16", decision_weight=cfg.decision_weight)
         if resume_from:
             try:
                 trainer.optimizer.load_state_dict(state["optimizer"])

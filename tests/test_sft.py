@@ -1,5 +1,6 @@
-"""Supervised fine-tuning (l2a.sft): the loss is the plain masked cross-entropy, frozen layers stay put, and the
-command trains, saves train.py-style checkpoints and resumes exactly. Tiny random model, float64 where exact."""
+"""Supervised fine-tuning (l2a.sft): the loss is the plain masked cross-entropy plus the binary decision term, frozen
+layers stay put, and the command trains, saves train.py-style checkpoints and resumes exactly. Tiny random model,
+float64 where exact."""
 
 from __future__ import annotations
 
@@ -31,9 +32,12 @@ def _samples() -> list[dict]:
             sample(2, "What brings it on?"), sample(3, STOP_TOKEN)]
 
 
-def plain_loss(model, tokenizer, samples: list[dict]) -> torch.Tensor:
-    """The textbook computation: each row in full, logits everywhere, cross-entropy on the target tokens only."""
-    total, count = 0.0, 0
+def plain_loss(model, tokenizer, samples: list[dict], decision_weight: float = 0.0) -> torch.Tensor:
+    """The textbook computation: each row in full, logits everywhere, cross-entropy on the target tokens only; plus
+    ``decision_weight`` times the mean of -log p(stop) (stop samples) or -log(1 - p(stop)) (continue samples), p(stop)
+    the probability of ``<stop />``'s first token as the answer's first token."""
+    stop_id = tokenizer(STOP_TOKEN, add_special_tokens=False)["input_ids"][0]
+    total, count, decision = 0.0, 0, 0.0
     for sample in samples:
         prompt = encode_chat(tokenizer, policy_messages(sample["messages"]))
         target = tokenizer(sample["target"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
@@ -41,22 +45,27 @@ def plain_loss(model, tokenizer, samples: list[dict]) -> torch.Tensor:
         predicted = logits[len(prompt) - 1 : -1]  # position j predicts token j + 1
         total = total + F.cross_entropy(predicted, torch.tensor(target), reduction="sum")
         count += len(target)
-    return total / count
+        p_stop = predicted[0].softmax(-1)[stop_id]
+        decision = decision - torch.log(p_stop if sample["target"] == STOP_TOKEN else 1 - p_stop)
+    return total / count + decision_weight * decision / len(samples)
 
 
-def test_loss_and_gradient_equal_the_plain_masked_cross_entropy(tiny_model_dir):
+@pytest.mark.parametrize("decision_weight", [0.0, 0.7])
+def test_loss_and_gradient_equal_the_plain_masked_cross_entropy(tiny_model_dir, decision_weight):
     tokenizer = load_tokenizer(str(tiny_model_dir))
     samples = _samples()
     model = load_model(str(tiny_model_dir), torch.float64)
     batch = make_batch(tokenizer, samples)
     assert batch.prefix_ids.shape[0] > 20  # the system prompt is shared, and run once
     stop_id = tokenizer(STOP_TOKEN, add_special_tokens=False)["input_ids"][0]
-    loss, stats = sft_loss(model, batch, stop_id)
+    loss, stats = sft_loss(model, batch, stop_id, decision_weight)
     loss.backward()
     ours = {name: p.grad.clone() for name, p in model.named_parameters()}
     model.zero_grad()
-    expected = plain_loss(model, tokenizer, samples)
+    expected = plain_loss(model, tokenizer, samples, decision_weight)
     expected.backward()
+    if decision_weight:  # the decision term is there, and not negligible
+        assert abs(expected.item() - plain_loss(model, tokenizer, samples).item()) > 0.1
     assert loss.item() == pytest.approx(expected.item(), rel=1e-12)
     for name, p in model.named_parameters():
         torch.testing.assert_close(ours[name], p.grad, rtol=1e-10, atol=1e-12, msg=name)

@@ -159,13 +159,15 @@ def test_warm_start_is_l2a_sft_then_grpo_on_one_axis(tiny_model_dir, data_files,
     `python -m l2a.sft` with the same settings: the warm start is that command's training, nothing else (in
     bfloat16 too: the same autocast as GRPO's update, float32 weights)."""
     monkeypatch.setenv("OPENAI_API_KEY", "test")
-    sft = ["--steps", "2", "--batch_size", "8", "--learning_rate", "1e-2", "--frozen_layers", "1", "--dtype", dtype]
+    sft = ["--steps", "2", "--batch_size", "8", "--learning_rate", "1e-2", "--frozen_layers", "1", "--dtype", dtype,
+           "--decision_weight", "0.5"]
     sft_main(["--model", str(tiny_model_dir), "--train_file", str(data_files["mixed"]),
               "--output_dir", str(tmp_path / "sft"), *sft])
     out = tmp_path / "run"
     train.main(_args(tiny_model_dir, data_files["mixed"], out, "--steps", "1", "--eval_every", "1",
                      "--learning_rate", "0", *judge_url, "--sft_steps", "2", "--sft_batch_size", "8",
-                     "--sft_learning_rate", "1e-2", "--sft_frozen_layers", "1", "--dtype", dtype,
+                     "--sft_learning_rate", "1e-2", "--sft_frozen_layers", "1", "--sft_decision_weight", "0.5",
+                     "--dtype", dtype,
                      "--eval_samples", "12"))  # all of them: 4 spread over 12 are the 4 stop samples
 
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -213,6 +215,13 @@ def test_steps_and_epochs_together_are_refused():
     with pytest.raises(UserError, match="epochs must be 0"):
         train.parse_config(["--epochs", "-1"])
     assert train.parse_config(["--epochs", "0", "--steps", "10"]).steps == 10
+
+
+def test_a_negative_decision_weight_is_refused():
+    with pytest.raises(UserError, match="sft_steps and sft_decision_weight must be at least 0"):
+        train.parse_config(["--sft_decision_weight", "-1"])
+    with pytest.raises(UserError, match="decision_weight at least 0"):
+        sft_main(["--decision_weight", "-0.5"])
 
 
 def test_killed_run_resumes_exactly(tiny_model_dir, data_files, tmp_path):
