@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from device_watch import StrayFactoryWatch
 from subprocesses import python, run_to_end
 from transformers import AutoModelForCausalLM
 
@@ -58,7 +59,9 @@ def test_loss_and_gradient_equal_the_plain_masked_cross_entropy(tiny_model_dir, 
     batch = make_batch(tokenizer, samples)
     assert batch.prefix_ids.shape[0] > 20  # the system prompt is shared, and run once
     stop_id = tokenizer(STOP_TOKEN, add_special_tokens=False)["input_ids"][0]
-    loss, stats = sft_loss(model, batch, stop_id, decision_weight)
+    with StrayFactoryWatch() as watch:  # on a GPU every tensor of the loss must be made on the batch's device
+        loss, stats = sft_loss(model, batch, stop_id, decision_weight)
+    assert watch.strays == [], watch.strays
     loss.backward()
     ours = {name: p.grad.clone() for name, p in model.named_parameters()}
     model.zero_grad()
